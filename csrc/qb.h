@@ -1,0 +1,112 @@
+/*
+ * qb.h: the engine's private structures, shared by its C files only.
+ */
+#ifndef QB_H
+#define QB_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "engine.h"
+#include "quorumblk.h"
+
+#define QB_EVENT_RING 4096	/* events kept until drained */
+#define QB_GEN_BUCKETS 65536	/* write-generation table, by vote block */
+
+/* Write-generation bucket word: gen (32) | writers (16) | repairing (16). */
+#define QB_GEN_MASK 0xffffffffULL
+#define QB_WRITER_ONE (1ULL << 32)
+#define QB_REPAIR_ONE (1ULL << 48)
+#define QB_WRITERS(w) (((w) >> 32) & 0xffff)
+#define QB_REPAIRING(w) ((w) >> 48)
+#define QB_SNAP_INVALID (1ULL << 63)	/* a write was in flight at read start */
+
+struct qb_fault {
+	uint32_t kind;
+	uint32_t ops_mask;
+	uint64_t offset, length;
+	uint32_t count;		/* left; 0: until cleared */
+	uint32_t delay_ms;
+};
+
+struct qb_replica {
+	char *path;
+	int fd;
+	int state;			/* enum qb_replica_state, atomic */
+	int is_blockdev;
+	int zero_mode;			/* how write-zeroes works here, atomic */
+	struct qb_fault fault;		/* under fault_lock */
+};
+
+/* Event rate limit per replica (plus one for the device) and type. */
+struct qb_ratelimit {
+	uint64_t window_ns;	/* start of the current one-second window */
+	uint32_t sent;		/* events sent in it */
+	uint32_t suppressed;	/* left out since the last one sent */
+};
+
+struct qb_quorum {
+	uint32_t n;
+	struct qb_options opt;
+	uint64_t size;
+	struct qb_replica rep[QB_MAX_REPLICAS];
+	uint32_t in_service;		/* mask, atomic */
+
+	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
+	void *zeros;			/* max_io zero bytes, for write-zeroes */
+	int hang_fd;			/* eventfd that never fires */
+
+	pthread_mutex_t lock;		/* contexts, retired counters, events */
+	struct qb_ctx *ctxs;
+	struct qb_counters retired_dev, retired_rep[QB_MAX_REPLICAS];
+	struct qb_event events[QB_EVENT_RING];
+	uint32_t ev_head, ev_count;
+	uint64_t ev_dropped;
+	struct qb_ratelimit rl[QB_MAX_REPLICAS + 1][QB_EV_NR];
+	int event_fd;
+
+	pthread_mutex_t fault_lock;
+	int faults_on;			/* any fault set: checked per I/O, atomic */
+};
+
+/* Error reporting (error.c). */
+int qb_err(int err, int kind, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+void qb_err_clear(void);
+
+/* Counter update by the one thread that owns them, readable by others. */
+#define QB_ADD(field, v) \
+	__atomic_store_n(&(field), (field) + (v), __ATOMIC_RELAXED)
+
+/* quorum.c */
+uint64_t qb_now_ns(void);
+void qb_event(struct qb_quorum *q, uint32_t type, int replica,
+	      uint64_t offset, uint64_t length, int err);
+/* Take replica r out of service after err; true if this call did it. */
+bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
+		     uint64_t offset, uint64_t length);
+/* The fault planned for replica r's next I/O, if any (consumes a count). */
+bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,
+		    uint64_t offset, uint64_t length, struct qb_fault *out);
+void qb_counters_add(struct qb_counters *to, const struct qb_counters *from);
+/* engine.c: add the counters of a list of contexts (under q->lock). */
+void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
+			 struct qb_counters *rep, uint32_t n);
+
+/* vote.c: vote over [0, len) of the voters' buffers; see qb_vote. */
+bool qb_all_equal(void *const *bufs, uint32_t mask, uint64_t len);
+
+static inline uint32_t qb_popcount(uint32_t m)
+{
+	return (uint32_t)__builtin_popcount(m);
+}
+
+static inline uint32_t qb_in_service(const struct qb_quorum *q)
+{
+	return __atomic_load_n(&q->in_service, __ATOMIC_ACQUIRE);
+}
+
+#endif

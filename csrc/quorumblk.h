@@ -1,0 +1,183 @@
+/*
+ * quorumblk.h: the vote engine's public interface.
+ *
+ * This header is the cffi cdef's input (with qb_ublk.h after it), so it holds
+ * only what Python or a front end needs: plain structs, enums and functions.
+ * Every function that can fail returns 0 (or a count) or -errno, and leaves a
+ * message for qb_last_error() in the calling thread.
+ *
+ * Objects:
+ *   struct qb_quorum  the replica set: open files, states, counters, events.
+ *                     Shared by every thread that serves it.
+ *   struct qb_ctx     one thread's engine: its io_uring and request slots.
+ *                     Only the thread that created it may use it.
+ */
+#ifndef QUORUMBLK_H
+#define QUORUMBLK_H
+
+#include <stdint.h>
+
+#define QB_MAX_REPLICAS 16
+
+struct qb_quorum;
+struct qb_ctx;
+
+/* Request operations; the numbers are ublk's (UBLK_IO_OP_*). */
+enum qb_op {
+	QB_OP_READ = 0,
+	QB_OP_WRITE = 1,
+	QB_OP_FLUSH = 2,
+	QB_OP_DISCARD = 3,
+	QB_OP_WRITE_ZEROES = 5,
+};
+
+/* Request flags. */
+enum qb_req_flags {
+	QB_REQ_FUA = 1,
+};
+
+enum qb_read_policy {
+	QB_READ_ALL = 0,	/* read every in-service replica, vote */
+	QB_READ_THRESHOLD = 1,	/* read `threshold` of them, the rest on doubt */
+	QB_READ_FIFO = 2,	/* first replica that answers, no vote */
+};
+
+enum qb_hash {
+	QB_HASH_XXH3 = 0,	/* xxh3-128 */
+	QB_HASH_SHA256 = 1,
+};
+
+enum qb_replica_state {
+	QB_REPLICA_IN_SERVICE = 0,
+	QB_REPLICA_FAILED = 1,	/* out of service: stale until resynced */
+};
+
+enum qb_event_type {
+	QB_EV_BAD_BLOCK = 0,
+	QB_EV_REPLICA_ERROR = 1,
+	QB_EV_REPLICA_FAILED = 2,
+	QB_EV_QUORUM_FAILURE = 3,
+	QB_EV_REPAIRED = 4,
+	QB_EV_NR = 5,
+};
+
+enum qb_fault_kind {
+	QB_FAULT_NONE = 0,
+	QB_FAULT_EIO = 1,	/* the I/O fails with EIO */
+	QB_FAULT_HANG = 2,	/* the I/O never answers (until cancelled) */
+	QB_FAULT_DELAY = 3,	/* the I/O starts delay_ms late */
+};
+
+/* Why the calling thread's last request or call failed, beyond errno. */
+enum qb_err_kind {
+	QB_ERR_OTHER = 0,
+	QB_ERR_NO_QUORUM = 1,	/* a block had no quorum (EIO) */
+	QB_ERR_DEGRADED = 2,	/* fewer than threshold replicas answered (EIO) */
+	QB_ERR_INVALID = 3,	/* bad argument (EINVAL) */
+};
+
+struct qb_options {
+	uint32_t threshold;
+	uint32_t read_policy;	/* enum qb_read_policy */
+	uint32_t hash;		/* enum qb_hash */
+	uint32_t vote_block;	/* bytes; power of two, 512 .. max_io */
+	uint32_t repair;	/* rewrite losing blocks (default 1) */
+	uint32_t buffered;	/* open without O_DIRECT (default 0) */
+	uint32_t timeout_ms;	/* replica I/O timeout (default 30000) */
+	uint32_t events_per_sec;	/* per replica and type; 0: no limit */
+	uint32_t max_io;	/* largest request in bytes (default 1 MiB) */
+};
+
+/* Counters; per replica only the replica fields are used. */
+struct qb_counters {
+	uint64_t reads, writes, flushes, discards, write_zeroes;
+	uint64_t read_bytes, write_bytes;
+	uint64_t bad_blocks;		/* losing copies found */
+	uint64_t repairs;		/* blocks rewritten */
+	uint64_t quorum_failures;	/* device only */
+	uint64_t errors;		/* failed I/Os */
+	uint64_t timeouts;		/* I/Os past the replica timeout */
+	uint64_t state;			/* replica only: enum qb_replica_state */
+};
+
+struct qb_event {
+	uint32_t type;		/* enum qb_event_type */
+	int32_t replica;	/* -1 when the event is the device's */
+	uint64_t offset;	/* bytes */
+	uint64_t length;	/* bytes */
+	int32_t err;		/* errno, 0 if none */
+	uint32_t suppressed;	/* same replica and type, left out before this */
+	uint64_t time_ns;	/* CLOCK_REALTIME */
+};
+
+/* One run of the built-in load generator (the benchmark's and qemu-img bench's
+ * pattern): request i goes to offset (start + i * step) % span, aligned down
+ * to bs; step 0 means bs (sequential). */
+struct qb_bench_spec {
+	uint32_t op;		/* QB_OP_READ or QB_OP_WRITE */
+	uint32_t bs;
+	uint32_t depth;
+	uint32_t pad;
+	uint64_t start, step, span;
+	uint64_t count;		/* requests to complete */
+};
+
+struct qb_bench_result {
+	uint64_t ops, bytes, errors;
+	uint64_t wall_ns;
+	uint64_t cpu_ns;	/* this thread's user + system time */
+};
+
+const char *qb_last_error(void);
+int qb_last_error_kind(void);	/* enum qb_err_kind */
+void qb_options_default(struct qb_options *o);
+
+/* The replica set. */
+int qb_quorum_open(const char *const *paths, uint32_t n,
+		   const struct qb_options *o, struct qb_quorum **out);
+void qb_quorum_close(struct qb_quorum *q);
+uint64_t qb_quorum_size(const struct qb_quorum *q);
+uint32_t qb_quorum_replicas(const struct qb_quorum *q);
+void qb_quorum_get_options(const struct qb_quorum *q, struct qb_options *o);
+int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica);
+uint32_t qb_quorum_in_service(const struct qb_quorum *q);
+/* Device totals and, when per_replica is not NULL, one entry per replica. */
+void qb_quorum_counters(struct qb_quorum *q, struct qb_counters *dev,
+			struct qb_counters *per_replica);
+/* Move up to max pending events into out; returns how many. */
+uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
+			  uint32_t max);
+/* An eventfd that becomes readable when events are pending. */
+int qb_quorum_event_fd(const struct qb_quorum *q);
+/* Test hook: make replica's I/Os of the ops in ops_mask (1 << QB_OP_*) that
+ * touch [offset, offset + length) fail, hang or start late; count 0 means
+ * until cleared. Kind QB_FAULT_NONE clears the replica's fault. */
+int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
+		     uint32_t ops_mask, uint64_t offset, uint64_t length,
+		     uint32_t count, uint32_t delay_ms);
+
+/* Pure vote over one block: bufs[i] is replica i's copy (or NULL: no vote).
+ * Returns the winning replica, or -1 when no class reaches threshold; *win
+ * gets the winning (or largest) class as a replica mask. */
+int qb_vote(const void *const *bufs, uint32_t n, uint64_t len,
+	    uint32_t threshold, uint32_t hash, uint32_t *win);
+
+/* One thread's engine. flags: QB_CTX_SQE128 for a ring that also carries
+ * ublk commands. depth is the number of request slots. */
+enum qb_ctx_flags {
+	QB_CTX_SQE128 = 1,
+};
+int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
+		  struct qb_ctx **out);
+void qb_ctx_destroy(struct qb_ctx *c);
+/* Replica r's buffer of a slot: max_io bytes, page aligned. */
+void *qb_ctx_buf(struct qb_ctx *c, uint32_t slot, uint32_t replica);
+/* Synchronous request on slot 0: a read copies the voted data into buf, a
+ * write takes it from buf. Returns bytes done or -errno. */
+int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
+		  uint64_t offset, uint32_t length, void *buf);
+/* Run the load generator to completion on this context. */
+int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
+		 struct qb_bench_result *res);
+
+#endif

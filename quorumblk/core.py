@@ -1,0 +1,268 @@
+"""The vote engine from Python: a Quorum over replica paths.
+
+Each Python thread that does I/O on a Quorum gets its own engine context
+(its own io_uring), as a ublk queue thread does; replica states, counters
+and events are shared by all of them in C.
+"""
+import errno
+import threading
+import warnings
+
+from ._core import ffi, lib
+from .errors import InvalidArgumentError, QuorumError, raise_for
+
+READ_POLICIES = {"all": lib.QB_READ_ALL, "threshold": lib.QB_READ_THRESHOLD,
+                 "fifo": lib.QB_READ_FIFO}
+HASHES = {"xxh3": lib.QB_HASH_XXH3, "sha256": lib.QB_HASH_SHA256}
+OPS = {"read": lib.QB_OP_READ, "write": lib.QB_OP_WRITE,
+       "flush": lib.QB_OP_FLUSH, "discard": lib.QB_OP_DISCARD,
+       "write_zeroes": lib.QB_OP_WRITE_ZEROES}
+FAULTS = {None: lib.QB_FAULT_NONE, "eio": lib.QB_FAULT_EIO,
+          "hang": lib.QB_FAULT_HANG, "delay": lib.QB_FAULT_DELAY}
+EVENT_TYPES = {lib.QB_EV_BAD_BLOCK: "bad-block",
+               lib.QB_EV_REPLICA_ERROR: "replica-error",
+               lib.QB_EV_REPLICA_FAILED: "replica-failed",
+               lib.QB_EV_QUORUM_FAILURE: "quorum-failure",
+               lib.QB_EV_REPAIRED: "repaired"}
+REPLICA_STATES = {lib.QB_REPLICA_IN_SERVICE: "in-service",
+                  lib.QB_REPLICA_FAILED: "failed"}
+COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes",
+            "read_bytes", "write_bytes", "bad_blocks", "repairs",
+            "quorum_failures", "errors", "timeouts")
+REPLICA_COUNTERS = tuple(c for c in COUNTERS if c != "quorum_failures")
+
+CTX_DEPTH = 32
+
+
+def _choice(name, value, table):
+    if value not in table:
+        raise InvalidArgumentError(
+            errno.EINVAL, f"{name} {value!r}: choose one of "
+            + ", ".join(str(k) for k in table if k is not None))
+    return table[value]
+
+
+def make_options(threshold, read_policy="all", hash="xxh3", vote_block=4096,
+                 repair=True, buffered=False, timeout=30.0, events_per_sec=10,
+                 max_io=1 << 20):
+    """A filled struct qb_options (engine defaults for what is not given)."""
+    o = ffi.new("struct qb_options *")
+    lib.qb_options_default(o)
+    if not isinstance(threshold, int) or isinstance(threshold, bool):
+        raise InvalidArgumentError(errno.EINVAL,
+                                   f"threshold {threshold!r} is not an integer")
+    if timeout <= 0:
+        raise InvalidArgumentError(errno.EINVAL,
+                                   f"replica timeout {timeout} s must be above 0")
+    for name, value in (("vote block", vote_block), ("max_io", max_io),
+                        ("events_per_sec", events_per_sec)):
+        if not isinstance(value, int) or not 0 <= value < 1 << 32:
+            raise InvalidArgumentError(errno.EINVAL, f"{name} {value!r} is out of range")
+    o.threshold = max(0, min(threshold, 1 << 31))
+    o.read_policy = _choice("read policy", read_policy, READ_POLICIES)
+    o.hash = _choice("hash", hash, HASHES)
+    o.vote_block = vote_block
+    o.repair = bool(repair)
+    o.buffered = bool(buffered)
+    o.timeout_ms = max(1, int(round(timeout * 1000)))
+    o.events_per_sec = events_per_sec
+    o.max_io = max_io
+    return o
+
+
+class Quorum:
+    """N replica images voted as one device.
+
+    Opening checks everything before any I/O: the threshold, that each path
+    opens (O_DIRECT unless buffered), that no replica is given twice (also
+    through a link), and that the sizes agree.
+    """
+
+    def __init__(self, paths, threshold, **options):
+        self.paths = [str(p) for p in paths]
+        self.threshold = threshold
+        opts = make_options(threshold, **options)
+        self.options = dict(options)
+        if 1 <= threshold <= len(self.paths) // 2:
+            warnings.warn(
+                f"threshold {threshold} of {len(self.paths)} replicas is not a "
+                "majority: two disjoint groups of replicas could each reach it",
+                stacklevel=2)
+        cpaths = [ffi.new("char[]", p.encode()) for p in self.paths]
+        arr = ffi.new("const char *[]", cpaths)
+        out = ffi.new("struct qb_quorum **")
+        raise_for(lib.qb_quorum_open(arr, len(cpaths), opts, out), lib, ffi)
+        self._q = out[0]
+        self._opts = opts
+        self.size = lib.qb_quorum_size(self._q)
+        self.max_io = opts.max_io
+        self._local = threading.local()
+        self._ctxs = []
+        self._lock = threading.Lock()
+
+    # -- contexts --
+    def _ctx(self):
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            if self._q is None:
+                raise QuorumError(errno.EBADF, "the quorum is closed")
+            out = ffi.new("struct qb_ctx **")
+            raise_for(lib.qb_ctx_create(self._q, CTX_DEPTH, 0, out), lib, ffi)
+            ctx = self._local.ctx = out[0]
+            with self._lock:
+                self._ctxs.append(ctx)
+        return ctx
+
+    def close(self):
+        """Release the engine contexts and close the replicas."""
+        with self._lock:
+            if self._q is None:
+                return
+            # qb_quorum_close destroys every context still registered
+            lib.qb_quorum_close(self._q)
+            self._q = None
+            self._ctxs = []
+        self._local = threading.local()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._q is None:
+            raise QuorumError(errno.EBADF, "the quorum is closed")
+
+    # -- I/O --
+    def _io(self, op, offset, length, buf, flags=0):
+        self._check_open()
+        if offset < 0 or length < 0:
+            raise InvalidArgumentError(
+                errno.EINVAL, f"offset {offset} and length {length} must not be negative")
+        ret = lib.qb_ctx_io(self._ctx(), op, flags, offset, length, buf)
+        return raise_for(ret, lib, ffi)
+
+    def read(self, offset, length):
+        """Voted data of [offset, offset + length) as bytes."""
+        buf = bytearray(length)
+        self._io(lib.QB_OP_READ, offset, length, ffi.from_buffer(buf))
+        return bytes(buf)
+
+    def write(self, offset, data, fua=False):
+        """Write data to every in-service replica; succeeds when at least
+        threshold replicas took it."""
+        view = ffi.from_buffer(data)
+        self._io(lib.QB_OP_WRITE, offset, len(view), view,
+                 lib.QB_REQ_FUA if fua else 0)
+
+    def flush(self):
+        self._io(lib.QB_OP_FLUSH, 0, 0, ffi.NULL)
+
+    def discard(self, offset, length):
+        self._io(lib.QB_OP_DISCARD, offset, length, ffi.NULL)
+
+    def write_zeroes(self, offset, length):
+        self._io(lib.QB_OP_WRITE_ZEROES, offset, length, ffi.NULL)
+
+    def bench(self, op="read", bs=4096, depth=32, count=10000, step=0, start=0,
+              span=None):
+        """Run the C load generator: request i goes to
+        (start + i * step) % span, aligned down to bs (step 0: sequential)."""
+        self._check_open()
+        spec = ffi.new("struct qb_bench_spec *")
+        spec.op = _choice("op", op, {"read": lib.QB_OP_READ,
+                                     "write": lib.QB_OP_WRITE})
+        spec.bs, spec.depth, spec.count = bs, depth, count
+        spec.start, spec.step = start, step
+        spec.span = self.size if span is None else span
+        res = ffi.new("struct qb_bench_result *")
+        out = ffi.new("struct qb_ctx **")
+        raise_for(lib.qb_ctx_create(self._q, max(depth, 1), 0, out), lib, ffi)
+        try:
+            raise_for(lib.qb_ctx_bench(out[0], spec, res), lib, ffi)
+        finally:
+            lib.qb_ctx_destroy(out[0])
+        return {"ops": res.ops, "bytes": res.bytes, "errors": res.errors,
+                "wall_s": res.wall_ns / 1e9, "cpu_s": res.cpu_ns / 1e9}
+
+    # -- state --
+    def replica_states(self):
+        self._check_open()
+        return [REPLICA_STATES[lib.qb_quorum_replica_state(self._q, i)]
+                for i in range(len(self.paths))]
+
+    def counters(self):
+        """(device counters, [per-replica counters]) as dicts."""
+        self._check_open()
+        dev = ffi.new("struct qb_counters *")
+        reps = ffi.new("struct qb_counters[]", len(self.paths))
+        lib.qb_quorum_counters(self._q, dev, reps)
+        device = {k: getattr(dev, k) for k in COUNTERS}
+        replicas = []
+        for i in range(len(self.paths)):
+            d = {k: getattr(reps[i], k) for k in REPLICA_COUNTERS}
+            d["state"] = REPLICA_STATES[reps[i].state]
+            replicas.append(d)
+        return device, replicas
+
+    def status(self):
+        device, replicas = self.counters()
+        for i, r in enumerate(replicas):
+            r["path"] = self.paths[i]
+            r["index"] = i
+        return {"size": self.size, "threshold": self.threshold,
+                "in_service": sum(r["state"] == "in-service" for r in replicas),
+                "replicas": replicas, "counters": device}
+
+    def events(self, max_events=4096):
+        """Drain pending events as dicts."""
+        self._check_open()
+        buf = ffi.new("struct qb_event[]", max_events)
+        n = lib.qb_quorum_events(self._q, buf, max_events)
+        out = []
+        for i in range(n):
+            e = buf[i]
+            replica = e.replica if e.replica >= 0 else None
+            out.append({
+                "type": EVENT_TYPES[e.type],
+                "replica": replica,
+                "path": self.paths[replica] if replica is not None else None,
+                "offset": e.offset, "length": e.length,
+                "errno": errno.errorcode.get(e.err) if e.err else None,
+                "suppressed": e.suppressed,
+                "time": e.time_ns / 1e9,
+            })
+        return out
+
+    def event_fd(self):
+        self._check_open()
+        return lib.qb_quorum_event_fd(self._q)
+
+    def inject(self, replica, kind="eio", ops=("read", "write", "flush",
+                                                "discard", "write_zeroes"),
+               offset=0, length=None, count=0, delay=0.0):
+        """Test hook: make replica's I/Os fail ("eio"), never answer
+        ("hang") or start late ("delay"); kind None clears it."""
+        self._check_open()
+        mask = 0
+        for op in ops:
+            mask |= 1 << _choice("op", op, OPS)
+        if length is None:
+            length = self.size
+        raise_for(lib.qb_quorum_inject(self._q, replica,
+                                       _choice("fault", kind, FAULTS), mask,
+                                       offset, length, count,
+                                       int(delay * 1000)), lib, ffi)
+
+
+def vote(bufs, threshold, hash="xxh3"):
+    """The C vote on one block: bufs is a list of bytes or None (no vote).
+    Returns (winner index or None, winning class as a set of indexes)."""
+    n = len(bufs)
+    length = max((len(b) for b in bufs if b is not None), default=0)
+    keep = [ffi.from_buffer(b) if b is not None else ffi.NULL for b in bufs]
+    arr = ffi.new("const void *[]", keep)
+    win = ffi.new("uint32_t *")
+    w = lib.qb_vote(arr, n, length, threshold, HASHES[hash], win)
+    return (None if w < 0 else w), {i for i in range(n) if win[0] >> i & 1}
