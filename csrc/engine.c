@@ -798,6 +798,7 @@ static void vote_and_finish(struct qb_ctx *c, struct qb_slot *s)
 	}
 	if (vote_blocks(c, s) < 0) {
 		if (raced(c, s) && s->retries++ < QB_RETRIES) {
+			s->gen++;	/* late CQEs of this attempt are stale */
 			start_request(c, s);
 			return;
 		}
