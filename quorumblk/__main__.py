@@ -1,0 +1,6 @@
+"""python -m quorumblk: the quorumblk command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,504 @@
+"""The daemon that serves one quorumblk device, and the library calls the
+command is made of: add (validate, start, detach), list, status, delete.
+
+add checks everything before it touches the kernel: root, the quorum itself
+(threshold, replica paths, sizes, duplicates: the engine refuses them),
+replicas already used by another device, the id, the ublk driver. Then it
+forks a detached daemon and waits on a pipe until the daemon says the device
+is LIVE (or sends the error); the daemon serves until `del`, SIGTERM or
+SIGINT, then stops the device in order and exits 0.
+"""
+import collections
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import warnings
+
+from . import runtime
+from .core import Quorum
+from .runtime import CommandError, DaemonError, StartError
+
+EVENT_DRAIN_S = 0.2
+RECENT_EVENTS = 100
+START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
+DEVICE_MAX_IO = 512 * 1024
+
+ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
+               "timeout")
+DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id")
+
+
+def _device_module():
+    try:
+        from . import device
+    except ImportError as e:
+        raise StartError(f"this build has no ublk binding (quorumblk.device: {e})")
+    return device
+
+
+def open_quorum(replicas, threshold, engine):
+    """Open the replica set; the engine's refusals come out as QuorumError.
+    A threshold that is not a majority is a warning, returned as text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
+    return q, [str(w.message) for w in caught]
+
+
+def check_add(q, dev_id):
+    """Everything about an add that is not the engine's: replicas already
+    serving another device, the id, the driver. Returns the replicas'
+    identities."""
+    idents = [runtime.replica_identity(p) for p in q.paths]
+    clashes = runtime.replicas_in_use(idents)
+    if clashes:
+        path, other, theirs = clashes[0]
+        same = "" if path == theirs else f" as {theirs}"
+        raise runtime.ReplicaInUseError(
+            f"replica {path} is already used by quorumblk device {other}{same} "
+            f"(/dev/ublkb{other})")
+    if dev_id is not None and dev_id >= 0:
+        why = runtime.id_in_use(dev_id)
+        if why:
+            raise runtime.IdInUseError(f"device id {dev_id} is in use: {why}")
+    runtime.ublk_check()
+    device = _device_module()
+    ok, reason = device.ublk_available()
+    if not ok:
+        raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+    return idents
+
+
+class Daemon:
+    """Serves one started device: control socket, events, signals."""
+
+    def __init__(self, q, dev, idents, engine, devopts):
+        self.q = q
+        self.dev = dev
+        self.idents = idents
+        self.engine = engine
+        self.devopts = devopts
+        self.recent = collections.deque(maxlen=RECENT_EVENTS)
+        self.events_total = 0
+        self.stopping = False
+        self.stop_reason = None
+        self.sock = None
+        self.events_file = None
+        self.started = time.time()
+
+    # -- setup --
+    def publish(self):
+        """Write the runtime files: events log, socket, then the state."""
+        dev_id = self.dev.id
+        self.events_file = open(runtime.events_path(dev_id), "w")
+        os.chmod(runtime.events_path(dev_id), 0o644)
+        self.sock = self._listen(runtime.sock_path(dev_id))
+        runtime.write_state(self.state())
+
+    def _listen(self, path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        s.listen(8)
+        s.setblocking(False)
+        return s
+
+    def state(self):
+        return {"id": self.dev.id, "path": self.dev.path, "pid": os.getpid(),
+                "start_time": runtime.proc_start_time(os.getpid()),
+                "threshold": self.q.threshold, "size": self.q.size,
+                "options": dict(self.engine, **self.devopts),
+                "replicas": self.idents, "created": self.started}
+
+    # -- serving --
+    def _on_signal(self, signum, _frame):
+        self.stopping = True
+        self.stop_reason = signal.Signals(signum).name
+
+    def install_signals(self):
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def run(self):
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old = signal.set_wakeup_fd(wake_w)
+        try:
+            while not self.stopping:
+                try:
+                    ready, _, _ = select.select([self.sock, wake_r], [], [],
+                                                EVENT_DRAIN_S)
+                except InterruptedError:
+                    ready = []
+                if wake_r in ready:
+                    _drain_fd(wake_r)
+                if self.sock in ready:
+                    self._serve_one()
+                self.drain_events()
+                if not self.stopping and self._device_gone():
+                    self.stop_reason = "the device stopped"
+                    self.stopping = True
+        finally:
+            signal.set_wakeup_fd(old)
+            os.close(wake_r)
+            os.close(wake_w)
+        return self.shutdown()
+
+    def _device_gone(self):
+        wait = getattr(self.dev, "wait", None)
+        if wait is None:
+            return False
+        try:
+            return bool(wait(0))
+        except Exception:
+            return False
+
+    def _serve_one(self):
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with conn:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            try:
+                answer = self._answer(conn)
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+            except OSError as e:
+                log(f"control: {e}")
+
+    def _answer(self, conn):
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                               struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", cred)
+        if uid != 0:
+            return {"ok": False, "error": f"permission denied: uid {uid} is not root"}
+        data = b""
+        while not data.endswith(b"\n") and len(data) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            command = json.loads(data).get("command")
+        except (ValueError, AttributeError):
+            return {"ok": False, "error": "bad request"}
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "stop":
+            self.stopping = True
+            self.stop_reason = "del"
+            return {"ok": True, "stopping": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def status(self):
+        self.drain_events()
+        st = self.q.status()
+        st.update({"id": self.dev.id, "path": self.dev.path, "pid": os.getpid(),
+                   "state": "stopping" if self.stopping else "live",
+                   "options": dict(self.engine, **self.devopts),
+                   "uptime_s": round(time.time() - self.started, 3),
+                   "events_total": self.events_total,
+                   "events": list(self.recent)})
+        return st
+
+    def drain_events(self):
+        if self.q._q is None:
+            return
+        evs = self.q.events()
+        if not evs:
+            return
+        for e in evs:
+            self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
+            self.recent.append(e)
+        self.events_file.flush()
+        self.events_total += len(evs)
+
+    # -- tear-down --
+    def shutdown(self):
+        """Stop the device (in-flight I/O completes or fails), then record the
+        last events and remove the runtime files. Returns the exit status."""
+        log(f"stopping device {self.dev.id}: {self.stop_reason}")
+        status = 0
+        try:
+            self.dev.stop()
+        except Exception as e:
+            log(f"stopping device {self.dev.id} failed: {e}")
+            status = 1
+        try:
+            self.drain_events()
+        except Exception as e:
+            log(f"last events: {e}")
+        if self.sock is not None:
+            self.sock.close()
+        runtime.remove_files(self.dev.id)
+        if self.events_file is not None:
+            self.events_file.close()
+        try:
+            self.q.close()
+        except Exception as e:
+            log(f"closing replicas: {e}")
+            status = 1
+        log(f"device {self.dev.id} stopped")
+        return status
+
+
+def log(msg):
+    try:
+        sys.stderr.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + msg + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _drain_fd(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _start(q, idents, engine, devopts):
+    """Start the device and publish its runtime files. On any failure the
+    device is stopped again: nothing half-made stays behind."""
+    device = _device_module()
+    kw = {"depth": devopts["depth"], "block_size": devopts["block_size"],
+          "dev_id": devopts["dev_id"] if devopts["dev_id"] is not None else -1}
+    if devopts["queues"] is not None:
+        kw["queues"] = devopts["queues"]
+    try:
+        dev = device.Device.start(q, **kw)
+    except CommandError:
+        raise
+    except OSError as e:
+        raise StartError(f"starting the ublk device failed: {e}")
+    d = Daemon(q, dev, idents, engine, devopts)
+    try:
+        d.publish()
+    except BaseException:
+        try:
+            dev.stop()
+        finally:
+            runtime.remove_files(dev.id)
+        raise
+    return d
+
+
+def _notify_systemd(text):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(text.encode(), addr)
+    except OSError as e:
+        log(f"sd_notify: {e}")
+
+
+def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
+    """Validate, start the device, and either serve it here (foreground,
+    returns the daemon's exit status when it stops) or detach a daemon
+    (returns the device's {"id", "path", "pid"} once it is LIVE)."""
+    runtime.require_root("quorumblk add")
+    q, warns = open_quorum(replicas, threshold, engine)
+    try:
+        for w in warns:
+            if warn:
+                warn(w)
+        lock = runtime.AddLock().acquire()
+        try:
+            idents = check_add(q, devopts.get("dev_id"))
+            if foreground:
+                return _run_foreground(q, idents, engine, devopts, lock)
+            return _detach(q, idents, engine, devopts, lock)
+        finally:
+            lock.release()
+    finally:
+        if q._q is not None and not foreground:
+            q.close()
+
+
+def _run_foreground(q, idents, engine, devopts, lock):
+    signal.signal(signal.SIGTERM, _early_signal)
+    signal.signal(signal.SIGINT, _early_signal)
+    d = _start(q, idents, engine, devopts)
+    d.install_signals()
+    if _early_stop:
+        d.stopping, d.stop_reason = True, "signal before LIVE"
+    lock.release()
+    print(d.dev.path, flush=True)
+    _notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
+                    f"STATUS=serving {d.dev.path}")
+    return d.run()
+
+
+def _detach(q, idents, engine, devopts, lock):
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        # first child: new session, then fork the daemon so that it is
+        # nobody's child and has no controlling terminal
+        try:
+            os.close(rfd)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            _daemon_main(q, idents, engine, devopts, wfd, lock)
+        finally:
+            os._exit(1)
+    os.close(wfd)
+    os.waitpid(pid, 0)
+    lock.release()
+    try:
+        msg = _read_message(rfd, START_TIMEOUT)
+    finally:
+        os.close(rfd)
+    if msg is None:
+        raise StartError(f"the daemon said nothing within {START_TIMEOUT:.0f} s")
+    if not msg.get("ok"):
+        raise StartError(msg.get("error", "the daemon failed"),
+                         exit_code=msg.get("exit_code"))
+    return {k: msg[k] for k in ("id", "path", "pid")}
+
+
+def _read_message(fd, timeout):
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    if not data:
+        return {"ok": False, "error": "the daemon exited before the device was LIVE"}
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"ok": False, "error": f"bad message from the daemon: {data[:200]!r}"}
+
+
+def _daemon_main(q, idents, engine, devopts, wfd, lock):
+    """The detached daemon: never returns."""
+    status = 1
+    try:
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        signal.signal(signal.SIGTERM, _early_signal)
+        signal.signal(signal.SIGINT, _early_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            d = _start(q, idents, engine, devopts)
+        except CommandError as e:
+            _send(wfd, {"ok": False, "error": str(e), "exit_code": e.exit_code})
+            os._exit(e.exit_code)
+        except OSError as e:
+            _send(wfd, {"ok": False, "error": f"starting the device failed: {e}"})
+            os._exit(1)
+        d.install_signals()
+        if _early_stop:
+            d.stopping, d.stop_reason = True, "signal before LIVE"
+        logfd = os.open(runtime.log_path(d.dev.id),
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        os.dup2(logfd, 2)
+        os.close(logfd)
+        log(f"device {d.dev.id} ({d.dev.path}) live, pid {os.getpid()}, "
+            f"replicas {' '.join(q.paths)}, threshold {q.threshold}")
+        lock.release()
+        _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
+                    "pid": os.getpid()})
+        os.close(wfd)
+        status = d.run()
+    except BaseException as e:  # the daemon must leave through os._exit
+        log(f"daemon failed: {e!r}")
+        try:
+            _send(wfd, {"ok": False, "error": f"daemon failed: {e}"})
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+_early_stop = []
+
+
+def _early_signal(signum, _frame):
+    _early_stop.append(signum)
+
+
+def _send(fd, msg):
+    os.write(fd, json.dumps(msg).encode() + b"\n")
+
+
+# -- the other commands' library calls --
+
+def list_devices():
+    """Every running device: its state file and, when the daemon answers,
+    its replica states."""
+    out = []
+    for st in runtime.live_states():
+        entry = {"id": st["id"], "path": st["path"], "pid": st["pid"],
+                 "threshold": st["threshold"], "size": st.get("size")}
+        try:
+            s = runtime.request(st["id"], "status")["status"]
+            entry["state"] = s["state"]
+            entry["replicas"] = [{"path": r["path"], "state": r["state"]}
+                                 for r in s["replicas"]]
+        except CommandError as e:
+            entry["state"] = "unresponsive"
+            entry["error"] = str(e)
+            entry["replicas"] = [{"path": r["path"], "state": "unknown"}
+                                 for r in st.get("replicas", [])]
+        out.append(entry)
+    return out
+
+
+def device_status(dev):
+    st = runtime.find(dev)
+    return runtime.request(st["id"], "status")["status"]
+
+
+def delete(dev, timeout=30.0):
+    """Stop device dev in order and wait until its daemon and node are gone."""
+    st = runtime.find(dev)
+    try:
+        runtime.request(st["id"], "stop")
+        how = "stop request"
+    except DaemonError:
+        try:
+            os.kill(st["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        how = "SIGTERM"
+    left = runtime.wait_gone(st, timeout)
+    if left:
+        raise DaemonError(f"device {st['id']}: not gone {timeout:.0f} s after the "
+                          f"{how}: {', '.join(left)}")
+    runtime.remove_files(st["id"])
+    return {"id": st["id"], "path": st["path"], "pid": st["pid"], "deleted": True}

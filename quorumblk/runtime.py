@@ -1,0 +1,398 @@
+"""Runtime state of quorumblk devices: the files under /run/quorumblk/.
+
+Per device N (the ublk id) the daemon keeps:
+  N.json    its state: pid, id, path, threshold, options, replicas (path,
+            device and inode), written atomically once the device is LIVE;
+  N.events  the events it drained from the engine, one JSON object a line;
+  N.sock    its control socket (mode 0600; only root may talk to it);
+  N.log     what the daemon printed after it detached.
+The folder is QUORUMBLK_RUN_DIR when that is set (tests), else /run/quorumblk.
+
+This module also holds the command's error family: every error a user can
+cause is a CommandError subclass with its own message and exit code.
+"""
+import errno
+import fcntl
+import json
+import os
+import re
+import socket
+import stat
+import time
+
+DEFAULT_RUN_DIR = "/run/quorumblk"
+CONTROL_TIMEOUT = 5.0
+
+
+class CommandError(Exception):
+    """quorumblk failed."""
+    exit_code = 1
+
+    def __init__(self, message=None, exit_code=None):
+        super().__init__(message or self.__doc__)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class NotRootError(CommandError):
+    """quorumblk must be run as root."""
+    exit_code = 3
+
+
+class UblkMissingError(CommandError):
+    """the kernel's ublk driver is not available."""
+    exit_code = 4
+
+
+class ReplicaInUseError(CommandError):
+    """a replica is already used by another quorumblk device."""
+    exit_code = 5
+
+
+class IdInUseError(CommandError):
+    """the device id is already in use."""
+    exit_code = 6
+
+
+class NoSuchDeviceError(CommandError):
+    """no such quorumblk device."""
+    exit_code = 7
+
+
+class DaemonError(CommandError):
+    """the device's daemon did not answer or did not stop in time."""
+    exit_code = 8
+
+
+class StartError(CommandError):
+    """the device could not be started."""
+    exit_code = 9
+
+
+def run_dir():
+    return os.environ.get("QUORUMBLK_RUN_DIR") or DEFAULT_RUN_DIR
+
+
+def ensure_run_dir():
+    path = run_dir()
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    return path
+
+
+def state_path(dev_id):
+    return os.path.join(run_dir(), f"{dev_id}.json")
+
+
+def events_path(dev_id):
+    return os.path.join(run_dir(), f"{dev_id}.events")
+
+
+def sock_path(dev_id):
+    return os.path.join(run_dir(), f"{dev_id}.sock")
+
+
+def log_path(dev_id):
+    return os.path.join(run_dir(), f"{dev_id}.log")
+
+
+def require_root(what):
+    if os.geteuid() != 0:
+        raise NotRootError(f"{what} must be run as root (uid {os.geteuid()} is not): "
+                           "ublk devices and their control sockets are root's")
+
+
+# -- replicas and identity --
+
+def replica_identity(path):
+    """What makes a replica the same one whatever path names it: the
+    device number for a block device, (device, inode) for a file."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return {"path": os.path.abspath(path), "kind": "block",
+                "rdev": st.st_rdev, "dev": st.st_dev, "ino": st.st_ino}
+    return {"path": os.path.abspath(path), "kind": "file",
+            "rdev": 0, "dev": st.st_dev, "ino": st.st_ino}
+
+
+def same_replica(a, b):
+    if a["kind"] == "block" and b["kind"] == "block":
+        return a["rdev"] == b["rdev"]
+    return a["kind"] == b["kind"] and (a["dev"], a["ino"]) == (b["dev"], b["ino"])
+
+
+# -- process identity (a pid plus its start time, so that a reused pid
+# is not mistaken for the daemon) --
+
+def proc_start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # the command name is in parentheses and may hold spaces: split after it
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+def pid_alive(pid, start_time=None):
+    if not pid or pid <= 0:
+        return False
+    st = proc_start_time(pid)
+    if st is None:
+        return False
+    if start_time is not None and st != start_time:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        if data[data.rindex(b")") + 2:][:1] == b"Z":
+            return False
+    except OSError:
+        return False
+    return True
+
+
+# -- state files --
+
+def write_state(state):
+    """Write N.json atomically (write a temporary file, rename it)."""
+    path = state_path(state["id"])
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read_state(dev_id):
+    try:
+        with open(state_path(dev_id)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CommandError(f"{state_path(dev_id)}: unreadable state file: {e}")
+
+
+def remove_files(dev_id, keep_events=True):
+    names = [state_path(dev_id), sock_path(dev_id)]
+    if not keep_events:
+        names += [events_path(dev_id), log_path(dev_id)]
+    for name in names:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
+def state_ids():
+    try:
+        names = os.listdir(run_dir())
+    except FileNotFoundError:
+        return []
+    ids = []
+    for name in names:
+        m = re.fullmatch(r"(\d+)\.json", name)
+        if m:
+            ids.append(int(m.group(1)))
+    return sorted(ids)
+
+
+def is_live(state):
+    return pid_alive(state.get("pid"), state.get("start_time"))
+
+
+def live_states():
+    """The state of every device whose daemon still runs; the files of
+    daemons that died are removed (they are stale)."""
+    out = []
+    for dev_id in state_ids():
+        st = read_state(dev_id)
+        if st is None:
+            continue
+        if is_live(st):
+            out.append(st)
+        else:
+            remove_files(dev_id)
+    return out
+
+
+def replicas_in_use(identities):
+    """[(replica path given, device id, its path there)] for each replica
+    that a running device already uses."""
+    clashes = []
+    for st in live_states():
+        for theirs in st.get("replicas", []):
+            for mine in identities:
+                if same_replica(mine, theirs):
+                    clashes.append((mine["path"], st["id"], theirs["path"]))
+    return clashes
+
+
+def parse_dev(dev):
+    """A device given as N, ublkbN or /dev/ublkbN -> N."""
+    m = re.fullmatch(r"(?:/dev/)?(?:ublkb)?(\d+)", str(dev).strip())
+    if not m:
+        raise NoSuchDeviceError(f"{dev!r} is not a quorumblk device "
+                                "(give N, ublkbN or /dev/ublkbN)")
+    return int(m.group(1))
+
+
+def find(dev):
+    """The running device named dev, as its state dict."""
+    dev_id = parse_dev(dev)
+    st = read_state(dev_id)
+    if st is None:
+        raise NoSuchDeviceError(f"no quorumblk device {dev_id} "
+                                f"(no {state_path(dev_id)})")
+    if not is_live(st):
+        remove_files(dev_id)
+        raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon "
+                                f"(pid {st.get('pid')}) is gone; removed its stale state")
+    return st
+
+
+# -- the lock that serialises adds (checks, start, state) --
+
+class AddLock:
+    def __init__(self):
+        self.fd = None
+
+    def acquire(self, timeout=60.0):
+        path = os.path.join(ensure_run_dir(), "add.lock")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.release()
+                    raise DaemonError(f"{path}: another quorumblk add holds "
+                                      f"the lock for over {timeout:.0f} s")
+                time.sleep(0.05)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# -- the control socket protocol: one JSON request line, one JSON answer --
+
+def request(dev_id, command, timeout=CONTROL_TIMEOUT):
+    path = sock_path(dev_id)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+            s.sendall(json.dumps({"command": command}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except socket.timeout:
+            raise DaemonError(f"device {dev_id}: no answer on {path} "
+                              f"within {timeout:.0f} s")
+        except OSError as e:
+            raise DaemonError(f"device {dev_id}: cannot talk to {path}: "
+                              f"{e.strerror or e}")
+    finally:
+        s.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise DaemonError(f"device {dev_id}: bad answer on {path}: {data[:200]!r}")
+    if not answer.get("ok"):
+        raise DaemonError(f"device {dev_id}: {answer.get('error', 'request failed')}")
+    return answer
+
+
+def read_events(dev_id, last=None):
+    """Events from N.events (the last `last` of them when given)."""
+    try:
+        with open(events_path(dev_id)) as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    if last is not None:
+        lines = lines[-last:] if last else []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# -- the kernel side --
+
+def ublk_check():
+    """Raise UblkMissingError with what to do when ublk cannot be used."""
+    if os.path.exists("/dev/ublk-control"):
+        return
+    release = os.uname().release
+    has_module = os.path.isdir("/sys/module/ublk_drv")
+    mod_dir = f"/lib/modules/{release}"
+    found = False
+    for root, _dirs, files in os.walk(os.path.join(mod_dir, "kernel", "drivers", "block")):
+        if any(f.startswith("ublk_drv.ko") for f in files):
+            found = True
+            break
+    builtin = False
+    try:
+        with open(os.path.join(mod_dir, "modules.builtin")) as f:
+            builtin = "ublk_drv.ko" in f.read()
+    except OSError:
+        pass
+    hint = ("ublk needs a kernel built with CONFIG_BLK_DEV_UBLK (Debian 12's 6.1 "
+            "kernel has none; Debian's 6.12 backports kernel, linux-image-6.12-amd64, "
+            "has it)")
+    if has_module or builtin:
+        raise UblkMissingError("/dev/ublk-control is missing although ublk_drv is "
+                               "loaded: is /dev mounted (devtmpfs)?")
+    if found:
+        raise UblkMissingError("ublk_drv is not loaded: run `modprobe ublk_drv` "
+                               f"(/dev/ublk-control is missing); {hint}")
+    raise UblkMissingError(f"ublk_drv is not loaded and kernel {release} has no "
+                           f"ublk_drv module: `modprobe ublk_drv` cannot work here; {hint}")
+
+
+def id_in_use(dev_id):
+    """Why dev_id is taken, or None."""
+    for node in (f"/dev/ublkb{dev_id}", f"/dev/ublkc{dev_id}"):
+        if os.path.exists(node):
+            return f"{node} exists"
+    if os.path.isdir(f"/sys/class/ublk-char/ublkc{dev_id}"):
+        return f"the kernel has ublk device {dev_id}"
+    st = read_state(dev_id)
+    if st is not None and is_live(st):
+        return f"quorumblk daemon pid {st['pid']} serves it"
+    return None
+
+
+def wait_gone(st, timeout):
+    """Wait until the daemon of st has exited and its node is gone.
+    Returns what is still there (empty when all is gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        if is_live(st):
+            left.append(f"daemon pid {st['pid']} still runs")
+        if os.path.exists(st["path"]):
+            left.append(f"{st['path']} still exists")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def errno_name(err):
+    return errno.errorcode.get(err, str(err))
