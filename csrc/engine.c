@@ -976,6 +976,27 @@ static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe)
 	}
 }
 
+/*
+ * How many CQEs can arrive before any request can move on: the fewest I/Os
+ * that any active phase still waits for. Waiting for that many instead of
+ * one saves wake-ups and loses nothing. (A ublk fetch or the tick also
+ * counts as a CQE, so the wait never outlasts what can happen.)
+ */
+static uint32_t progress_bound(struct qb_ctx *c)
+{
+	uint32_t m = UINT32_MAX;
+
+	if (!c->inflight)
+		return 1;
+	for (uint32_t i = 0; i < c->depth && m > 1; i++) {
+		struct qb_slot *s = &c->slots[i];
+
+		if (s->phase != PH_FREE && s->pending < m)
+			m = s->pending;
+	}
+	return m == UINT32_MAX || !m ? 1 : m;
+}
+
 int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 {
 	struct io_uring_cqe *cqe;
@@ -983,6 +1004,8 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 	int ret;
 
 	retry_deferred(c);
+	if (wait_nr == 1)
+		wait_nr = progress_bound(c);
 	if (c->deferred && wait_nr) {
 		/* a repair holds a deferred write's blocks: look again soon */
 		struct __kernel_timespec ts = { .tv_nsec = 200000 };
