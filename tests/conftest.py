@@ -81,6 +81,23 @@ def imgs(tmp_path):
 
 
 @pytest.fixture
+def shm_imgs(tmp_path):
+    """Three identical 1 MiB replicas in RAM (/dev/shm) when there is one:
+    for tests that time things, so that a disk busy with someone else's
+    benchmark cannot make a healthy replica miss a short replica timeout."""
+    import shutil
+    import tempfile
+    if not os.path.isdir("/dev/shm"):
+        yield make_images(tmp_path)
+        return
+    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
+    try:
+        yield make_images(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def open_quorum():
     """Open a Quorum; everything opened is closed at teardown."""
     from quorumblk import Quorum
