@@ -404,6 +404,7 @@ def _read_message(fd, timeout):
 def _daemon_main(q, idents, engine, devopts, wfd, lock):
     """The detached daemon: never returns."""
     status = 1
+    d = None
     try:
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
@@ -441,6 +442,12 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock):
             _send(wfd, {"ok": False, "error": f"daemon failed: {e}"})
         except OSError:
             pass
+        if d is not None and d.dev is not None:
+            d.stop_reason = f"daemon error {e!r}"
+            try:
+                d.shutdown()
+            except BaseException as e2:
+                log(f"stopping after the error failed: {e2!r}")
     finally:
         os._exit(status)
 
