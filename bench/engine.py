@@ -34,6 +34,7 @@ import selectors
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,40 +258,47 @@ def bench_qemu(kind, env, wl, seconds):
                     2000 if bs == 4096 else 64, startup=lambda: run(1))
 
 
-def bench_fio(env, wl, seconds):
+def fio_run(env, wl, extra_args, timeout):
     name, op, bs, depth, step = wl
     if step == bs:
         rw = op
-        extra = []
+        pattern = []
     else:
         rw = "rand" + op
-        extra = ["--random_generator=lfsr", "--randseed=7919"]
+        pattern = ["--random_generator=lfsr", "--randseed=7919"]
     args = ["fio", "--name=raw", f"--filename={env['raw']}",
             "--ioengine=io_uring", f"--direct={1 if env['direct'] else 0}",
             f"--rw={rw}", f"--bs={bs}", f"--iodepth={depth}",
-            f"--size={env['size']}", f"--runtime={seconds}", "--time_based",
-            "--output-format=json"] + extra
-    out, err, rc, cpu = run_timed(args, timeout=seconds + 120)
+            f"--size={env['size']}", "--output-format=json"] + pattern
+    out, err, rc, cpu = run_timed(args + extra_args, timeout=timeout)
     if rc != 0:
         raise Failed(f"fio exited {rc}: {err.strip()[-300:]}")
     job = json.loads(out[out.index("{"):])["jobs"][0]
     d = job[op]
-    thread_cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * \
-        job["job_runtime"] / 1000.0
-    # cpu: fio's whole process tree from wait4 (start-up included: fio
-    # cannot run one request); fio's own usr/sys figures are its job
-    # thread's and miss io_uring's worker threads
     return {"ops": d["total_ios"], "bytes": d["io_bytes"],
             "errors": job.get("error", 0), "wall_s": d["runtime"] / 1000.0,
-            "cpu_s": cpu, "fio_thread_cpu_s": thread_cpu}
+            "cpu_s": cpu}
+
+
+def bench_fio(env, wl, seconds):
+    """fio on the raw file. CPU: fio's whole process tree from wait4, less
+    a one-request run's (start-up); fio's own usr/sys figures are its job
+    thread's and miss io_uring's worker threads."""
+    res = fio_run(env, wl, [f"--runtime={int(seconds * 1000)}ms",
+                            "--time_based"], seconds + 120)
+    base = fio_run(env, wl, ["--number_ios=1"], 120)["cpu_s"]
+    res["startup_cpu_s"] = base
+    res["cpu_s"] = max(res["cpu_s"] - base, 0.0)
+    return res
 
 
 def bench_quorumblk(policy, env, wl, seconds):
     name, op, bs, depth, step = wl
     spec = {"paths": env["replicas"], "policy": policy, "op": op, "bs": bs,
             "depth": depth, "step": step, "span": env["size"],
-            "buffered": not env["direct"], "seconds": seconds}
-    out, err, rc, _ = run_timed([sys.executable, "-m", "bench.engine",
+            "buffered": not env["direct"], "seconds": seconds,
+            "pkg_root": env.get("pkg_root")}
+    out, err, rc, _ = run_timed([sys.executable, os.path.abspath(__file__),
                                  "--worker", json.dumps(spec)],
                                 timeout=seconds * 4 + 300)
     if rc != 0 or not out.strip():
@@ -303,7 +311,7 @@ def bench_quorumblk(policy, env, wl, seconds):
 
 def worker(spec):
     """Runs in a child process: one quorumblk contender."""
-    sys.path.insert(0, ROOT)
+    sys.path[:0] = [spec.get("pkg_root") or ROOT]
     try:
         from quorumblk import Quorum
     except Exception as e:  # the engine is not built yet
@@ -359,15 +367,6 @@ def run_one(kind, arg, env, wl, seconds):
     return bench_fio(env, wl, seconds)
 
 
-def best_of(fn, reps):
-    best = None
-    for _ in range(reps):
-        r = fn()
-        if best is None or r["ops"] / r["wall_s"] > best["ops"] / best["wall_s"]:
-            best = r
-    return best
-
-
 def run_medium(medium, directory, size, args, rows):
     os.makedirs(directory, exist_ok=True)
     direct = direct_ok(directory)
@@ -375,28 +374,44 @@ def run_medium(medium, directory, size, args, rows):
         f" writing {REPLICAS + 1} x {size >> 20} MiB")
     replicas, raw = make_images(directory, size)
     env = {"replicas": replicas, "raw": raw, "size": size, "direct": direct,
-           "qemu_aio": args.qemu_aio}
+           "qemu_aio": args.qemu_aio, "pkg_root": args.pkg_root}
     for wl in WORKLOADS:
         if args.only and wl[0] not in args.only:
             continue
-        for label, kind, arg in contenders(wl[1]):
-            if kind == "fio" and args.no_fio:
-                continue
-            log(f"[{medium}] {wl[0]:<13} {label} ...")
+        entries = [(label, kind, arg) for label, kind, arg in contenders(wl[1])
+                   if not (kind == "fio" and args.no_fio)]
+        got = {label: [] for label, _, _ in entries}
+        errors = {}
+        # repetitions go round the contenders, so that a burst of load from
+        # elsewhere on the machine does not fall on one contender's runs only
+        for rep in range(args.reps):
+            for label, kind, arg in entries:
+                if label in errors:
+                    continue
+                log(f"[{medium}] {wl[0]:<13} {label} (run {rep + 1}/{args.reps})")
+                try:
+                    got[label].append(run_one(kind, arg, env, wl, args.seconds))
+                except Failed as e:
+                    errors[label] = str(e)
+                    log(f"    failed: {e}")
+        for label, _, _ in entries:
             row = {"medium": medium, "workload": wl[0], "contender": label,
                    "direct": direct}
-            try:
-                r = best_of(lambda: run_one(kind, arg, env, wl, args.seconds),
-                            args.reps)
-                row.update(r)
-            except Failed as e:
-                row["error"] = str(e)
-                log(f"    failed: {e}")
+            runs = got[label]
+            if runs:
+                rates = [rate(r) for r in runs]
+                row.update(max(runs, key=rate))
+                row["rates"] = rates
+                row["spread"] = (max(rates) - min(rates)) / max(rates)
+                if label in errors:	# a later run failed: keep the note
+                    row["failed_run"] = errors[label]
+            elif label in errors:
+                row["error"] = errors[label]
             rows.append(row)
-    row_check = {"medium": medium, "replicas_agree": images_agree(replicas)}
+    check = {"medium": medium, "replicas_agree": images_agree(replicas)}
     if not args.keep:
         shutil.rmtree(directory, ignore_errors=True)
-    return row_check
+    return check
 
 
 def target_for(row, ref):
@@ -437,7 +452,7 @@ def cpu_per_op(r):
 def table(rows):
     head = ("medium", "workload", "contender", "IOPS", "MiB/s", "x qemu-q",
             "x raw/3", "x fio/3", "cpu s/GiB", "cpu us/io", "cpu x qemu",
-            "target", "")
+            "spread", "target", "")
     lines = [head]
     refs = {}
     for r in rows:
@@ -454,7 +469,7 @@ def table(rows):
         medium = r["medium"] + ("" if r.get("direct", True) else " (buffered)")
         if "error" in r:
             lines.append((medium, r["workload"], r["contender"], "error", "",
-                          "", "", "", "", "", "", "", r["error"][:60]))
+                          "", "", "", "", "", "", "", "", r["error"][:60]))
             continue
         iops = rate(r)
         mibs = r["bytes"] / r["wall_s"] / MIB
@@ -475,9 +490,10 @@ def table(rows):
             f"{cpu_gib:.2f}" if cpu_gib is not None else "",
             f"{cpo * 1e6:.1f}" if cpo is not None else "",
             f"{cpo / qcpo:.2f}" if cpo is not None and qcpo else "",
+            f"{r['spread'] * 100:.0f}%" if "spread" in r else "",
             text, met))
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
-    right = {3, 4, 5, 6, 7, 8, 9, 10}
+    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
     out = []
     for n, l in enumerate(lines):
         cells = [str(c).rjust(widths[i]) if i in right and n else
@@ -491,12 +507,13 @@ def table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.engine",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=2.0,
-                    help="length of each measured run (default 2)")
-    ap.add_argument("--reps", type=int, default=1,
-                    help="runs per figure, the best one kept (default 1)")
+    ap.add_argument("--seconds", type=float, default=1.5,
+                    help="length of each measured run (default 1.5)")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="runs per figure, taken in turns across the "
+                    "contenders; the fastest is kept (default 3)")
     ap.add_argument("--long", action="store_true",
-                    help="longer runs: --seconds 10 --reps 3 --size-mib 4096")
+                    help="longer runs: --seconds 8 --reps 5 --size-mib 4096")
     ap.add_argument("--size-mib", type=int, default=1024,
                     help="size of each image (default 1024)")
     ap.add_argument("--media", default="disk,tmpfs",
@@ -518,7 +535,7 @@ def main(argv=None):
     if args.worker:
         return worker(json.loads(args.worker))
     if args.long:
-        args.seconds, args.reps = max(args.seconds, 10.0), max(args.reps, 3)
+        args.seconds, args.reps = max(args.seconds, 8.0), max(args.reps, 5)
         args.size_mib = max(args.size_mib, 4096)
     for tool in ("qemu-img", "fio"):
         if not shutil.which(tool):
@@ -528,23 +545,31 @@ def main(argv=None):
 
     info = system_info()
     size = args.size_mib * MIB
+    # every worker imports the same build: a copy taken now, so a rebuild
+    # in the checkout during the run cannot mix two engines in one table
+    args.pkg_root = tempfile.mkdtemp(prefix="qb-bench-pkg-")
+    shutil.copytree(os.path.join(ROOT, "quorumblk"),
+                    os.path.join(args.pkg_root, "quorumblk"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
     rows, checks = [], []
     started = time.monotonic()
     dirs = {"disk": args.disk_dir, "tmpfs": args.tmpfs_dir}
     for medium in args.media.split(","):
         checks.append(run_medium(medium, dirs[medium], size, args, rows))
     elapsed = time.monotonic() - started
+    shutil.rmtree(args.pkg_root, ignore_errors=True)
 
     text = table(rows)
     header = (f"quorumblk engine benchmark, {REPLICAS} replicas, threshold "
               f"{THRESHOLD}, images {args.size_mib} MiB, {args.seconds:g} s "
-              f"per run, best of {args.reps}\n"
+              f"per run, best of {args.reps} taken in turns\n"
               f"date {info['date']}  commit {info['commit']}  kernel "
               f"{info['kernel']}\ncpu {info['cpu']} x{info['cpus']}  "
               f"{info['qemu_img']}  {info['fio']}\n"
               "random = stride 4096*7919 (qemu-img bench -S; fio: lfsr); "
               "x raw/3 = rate / (one raw file's rate / 3); cpu = user+sys of "
-              "the whole process per request, start-up removed")
+              "the whole process per request, start-up removed;\n"
+              "spread = (fastest - slowest run) / fastest")
     print(header)
     print(text)
     for c in checks:
