@@ -86,6 +86,8 @@ struct qb_ctx {
 	uint32_t inflight;
 	uint32_t rr;		/* rotation for policy threshold */
 	struct qb_slot *slots;
+	char *bufmem;		/* every slot's buffers, one mapping */
+	bool abandoned;		/* a read was abandoned into a buffer */
 	struct qb_slot *deferred;
 	uint32_t max_blocks;
 
@@ -361,12 +363,14 @@ queued:
 }
 
 /* A slot's buffer for replica r that the kernel may still write into after
- * a timeout: give it up (never reused) and take a fresh one. */
+ * a timeout: give it up (never reused, never unmapped) and take a fresh one.
+ * This happens at most once per replica and slot (the replica is out). */
 static void replace_buf(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
 {
 	void *p = mmap(NULL, c->q->opt.max_io, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
+	c->abandoned = true;
 	if (p != MAP_FAILED)
 		s->buf[r] = p;
 }
@@ -1082,6 +1086,7 @@ static int slots_init(struct qb_ctx *c)
 		return qb_err(ENOMEM, QB_ERR_OTHER,
 			      "cannot map %zu bytes of request buffers",
 			      per * c->depth);
+	c->bufmem = mem;
 	for (uint32_t i = 0; i < c->depth; i++) {
 		struct qb_slot *s = &c->slots[i];
 
@@ -1149,10 +1154,14 @@ void qb_ctx_destroy(struct qb_ctx *c)
 
 	if (c->ring_ok)
 		io_uring_queue_exit(&c->ring);
+	/*
+	 * A read abandoned at its timeout may still land in its buffer (the
+	 * ring's teardown is asynchronous): then the buffers stay mapped, so
+	 * that a late copy never hits memory reused for something else.
+	 */
+	if (c->bufmem && !c->abandoned)
+		munmap(c->bufmem, (size_t)q->opt.max_io * q->n * c->depth);
 	if (c->slots) {
-		if (c->slots[0].buf[0])
-			munmap(c->slots[0].buf[0],
-			       (size_t)q->opt.max_io * q->n * c->depth);
 		for (uint32_t i = 0; i < c->depth; i++) {
 			free(c->slots[i].snap);
 			free(c->slots[i].win);

@@ -145,6 +145,9 @@ class Quorum:
 
     def read(self, offset, length):
         """Voted data of [offset, offset + length) as bytes."""
+        if length < 0:
+            raise InvalidArgumentError(errno.EINVAL,
+                                       f"read length {length} must not be negative")
         buf = bytearray(length)
         self._io(lib.QB_OP_READ, offset, length, ffi.from_buffer(buf))
         return bytes(buf)
