@@ -285,3 +285,116 @@ def test_close_after_timed_out_reads_does_not_crash(tmp_path):
                              p for p in sys.path if p)))
     assert run.returncode == 0 and run.stdout.strip() == "ok", \
         (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+
+
+def test_a_hung_repair_write_is_timed_out(shm_imgs, open_quorum):
+    """The repair of a bad block never completes: the read still returns
+    the voted data within the bound and the replica leaves service."""
+    imgs = shm_imgs
+    good = image(imgs[0])
+    flip(imgs[1], 4 * BS)
+    q = open_quorum(imgs, 2, timeout=0.5)
+    q.inject(1, "hang", ops=("write",))
+    t0 = time.monotonic()
+    assert q.read(4 * BS, BS) == good[4 * BS:5 * BS]
+    assert time.monotonic() - t0 < 0.5 + SLACK
+    assert states(q) == ["in-service", "failed", "in-service"]
+    assert q.status()["replicas"][1]["timeouts"] == 1
+    ev = q.events()
+    assert of_type(ev, "repaired") == []
+    assert [e["replica"] for e in of_type(ev, "replica-failed")] == [1]
+
+
+def test_a_write_behind_a_hung_repair_finishes_within_the_bound(
+        shm_imgs, open_quorum):
+    """A user write to a block whose repair hangs waits for the repair, but
+    not longer than the replica timeout; then it goes to the others."""
+    imgs = shm_imgs
+    flip(imgs[2], 6 * BS)
+    q = open_quorum(imgs, 2, timeout=0.5)
+    q.inject(2, "hang", ops=("write",))
+    new = pattern(77, BS)
+    out = {}
+
+    def reader():
+        out["read"] = q.read(6 * BS, BS)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t0 = time.monotonic()
+    while q.status()["counters"]["bad_blocks"] < 1:
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.001)
+    q.write(6 * BS, new)
+    assert time.monotonic() - t0 < 0.5 + SLACK
+    t.join(10)
+    after = images(imgs)
+    assert after[0][6 * BS:7 * BS] == new and after[1][6 * BS:7 * BS] == new
+    assert states(q)[2] == "failed"
+    assert q.read(6 * BS, BS) == new
+
+
+@pytest.mark.parametrize("op", ["discard", "write_zeroes"])
+def test_a_hung_discard_is_timed_out(shm_imgs, open_quorum, op):
+    imgs = shm_imgs
+    q = open_quorum(imgs, 2, timeout=0.5)
+    q.inject(0, "hang", ops=(op,))
+    t0 = time.monotonic()
+    getattr(q, op)(0, 4 * BS)
+    assert time.monotonic() - t0 < 0.5 + SLACK
+    assert states(q) == ["failed", "in-service", "in-service"]
+    assert q.read(0, 4 * BS) == bytes(4 * BS)
+    after = images(imgs)
+    assert after[1][:4 * BS] == bytes(4 * BS) == after[2][:4 * BS]
+
+
+def test_policy_threshold_with_a_hung_replica(shm_imgs, open_quorum):
+    imgs = shm_imgs
+    good = image(imgs[0])
+    q = open_quorum(imgs, 2, read_policy="threshold", timeout=0.5)
+    q.inject(0, "hang", ops=("read",))
+    t0 = time.monotonic()
+    for i in range(3):          # whichever pair the rotation picks
+        assert q.read(i * BS, BS) == good[i * BS:(i + 1) * BS]
+    assert time.monotonic() - t0 < 0.5 + SLACK
+    assert states(q)[0] == "failed"
+
+
+def test_reads_after_a_timed_out_read_return_their_own_data(shm_imgs,
+                                                             open_quorum):
+    """A timed-out read may still land later in the buffer it was given;
+    later requests on the same slot must not see those bytes."""
+    imgs = shm_imgs
+    good = image(imgs[0])
+    q = open_quorum(imgs, 2, timeout=0.3)
+    # replica 0's read starts 1 s late: after the timeout has abandoned it
+    q.inject(0, "delay", ops=("read",), delay=1.0, count=1)
+    assert q.read(0, BS) == good[:BS]
+    deadline = time.monotonic() + 1.5
+    i = 1
+    while time.monotonic() < deadline:
+        off = (i % 200) * BS
+        assert q.read(off, BS) == good[off:off + BS]
+        i += 1
+    assert states(q)[0] == "failed"
+
+
+def test_many_bad_runs_in_one_request(tmp_path, open_quorum):
+    """More separate bad runs in one request than one repair pass takes:
+    the data is right, every bad block is reported, and reading again
+    repairs what is left."""
+    from conftest import make_images
+    paths = make_images(tmp_path)
+    good = image(paths[0])
+    bad = list(range(0, 256, 2))        # 128 runs of one block
+    for b in bad:
+        flip(paths[1], b * BS + 5)
+    q = open_quorum(paths, 2, events_per_sec=0)
+    assert q.read(0, 256 * BS) == good
+    assert q.status()["replicas"][1]["bad_blocks"] == len(bad)
+    for _ in range(3):
+        if image(paths[1]) == good:
+            break
+        assert q.read(0, 256 * BS) == good
+    assert image(paths[1]) == good
+    assert q.status()["replicas"][1]["repairs"] == len(bad)
