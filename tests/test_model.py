@@ -5,7 +5,8 @@ and injected I/O errors. After every step the results, the error kinds, the
 events, the replica states and every replica image must match the model.
 
 The model, per 512-byte sector of replica images:
-- a request is cut into vote segments (4 KiB vote blocks clipped to it);
+- a request is cut into vote segments (vote blocks, 512 B to 8 KiB, clipped
+  to it);
 - a read asks every in-service replica; one whose read fails leaves service
   and casts no vote; fewer than threshold answers: DegradedError;
 - per segment, classes of identical copies; the largest wins, a tie goes to
@@ -36,12 +37,12 @@ SIZE = BLOCKS * VB
 SECTORS = SIZE // SECTOR
 
 
-def segments(off, length):
+def segments(off, length, vb=VB):
     """The request's vote segments: (start, end) byte ranges."""
     out = []
     pos = off
     while pos < off + length:
-        end = min((pos // VB + 1) * VB, off + length)
+        end = min((pos // vb + 1) * vb, off + length)
         out.append((pos, end))
         pos = end
     return out
@@ -70,7 +71,8 @@ def vote(copies, threshold):
 
 
 class Model:
-    def __init__(self, data, n, threshold, repair):
+    def __init__(self, data, n, threshold, repair, vb=VB):
+        self.vb = vb
         self.img = [bytearray(data) for _ in range(n)]
         self.n = n
         self.t = threshold
@@ -105,7 +107,7 @@ class Model:
             return DegradedError, ev
         out = bytearray()
         plan = []                   # (replica, start, end, data)
-        for start, end in segments(off, length):
+        for start, end in segments(off, length, self.vb):
             copies = {r: bytes(self.img[r][start:end]) for r in ok}
             win = vote(copies, self.t)
             if win is None:
@@ -177,8 +179,10 @@ class QuorumMachine(RuleBasedStateMachine):
         self.q = None
 
     @initialize(n=st.sampled_from([2, 3, 3, 4, 1]), tpick=st.integers(0, 3),
-                repair=st.booleans(), seed=st.integers(0, 3))
-    def open(self, n, tpick, repair, seed):
+                repair=st.booleans(), seed=st.integers(0, 3),
+                hash=st.sampled_from(["xxh3", "sha256"]),
+                vb=st.sampled_from([VB, VB, 512, 2048, 8192]))
+    def open(self, n, tpick, repair, seed, hash, vb):
         import random
         data = random.Random(seed).randbytes(SIZE)
         self.paths = []
@@ -191,8 +195,9 @@ class QuorumMachine(RuleBasedStateMachine):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.q = Quorum(self.paths, threshold, repair=repair,
-                            events_per_sec=0, timeout=30.0)
-        self.m = Model(data, n, threshold, repair)
+                            events_per_sec=0, timeout=30.0, hash=hash,
+                            vote_block=vb)
+        self.m = Model(data, n, threshold, repair, vb)
 
     def teardown(self):
         if self.q is not None:
@@ -319,6 +324,8 @@ def test_model_segments():
     assert segments(0, VB) == [(0, VB)]
     assert segments(512, 1024) == [(512, 1536)]
     assert segments(VB - 512, 1024) == [(VB - 512, VB), (VB, VB + 512)]
+    assert segments(0, 2048, 512) == [(0, 512), (512, 1024), (1024, 1536),
+                                      (1536, 2048)]
     assert vote({0: b"a", 1: b"b"}, 1) == [0]
     assert vote({0: b"a", 1: b"b", 2: b"b"}, 2) == [1, 2]
     assert vote({1: b"a", 2: b"b", 3: b"b", 0: b"a"}, 2) == [0, 1]
