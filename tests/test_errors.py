@@ -308,3 +308,21 @@ def test_messages_carry_the_errno_name(imgs, tmp_path):
         Quorum([imgs[0], imgs[1], str(tmp_path / "gone.img")], 2)
     assert "ENOENT" in str(ei.value)
     assert "No such file" in str(ei.value)
+
+
+@pytest.mark.parametrize("call", [
+    "read(0, 1 << 40)",             # would allocate a TiB before checking
+    "read(0, (1 << 32) + BS)",      # does not fit the C length
+    "read(1 << 64, BS)",            # does not fit the C offset
+    "discard(0, 1 << 33)",
+    "write_zeroes(1 << 70, BS)",
+])
+def test_huge_offsets_and_lengths_are_invalid_arguments(imgs, q, call):
+    """Out of range is out of range, however far: InvalidArgumentError
+    (EINVAL) with a message naming the device size, not an OverflowError or
+    MemoryError from the binding."""
+    before = images(imgs)
+    with pytest.raises(InvalidArgumentError) as ei:
+        eval("q." + call, {"q": q, "BS": BS})
+    check(ei.value, errno.EINVAL)
+    assert images(imgs) == before
