@@ -398,3 +398,54 @@ def test_many_bad_runs_in_one_request(tmp_path, open_quorum):
         assert q.read(0, 256 * BS) == good
     assert image(paths[1]) == good
     assert q.status()["replicas"][1]["repairs"] == len(bad)
+
+
+@pytest.mark.parametrize("op", ["read", "write", "flush", "discard"])
+def test_replica_ios_go_out_in_parallel(shm_imgs, open_quorum, op):
+    """Each replica's I/O starts 0.3 s late: one request costs about 0.3 s,
+    not 0.9 s as it would one replica after another (QEMU flushes one by
+    one)."""
+    imgs = shm_imgs
+    q = open_quorum(imgs, 2, timeout=10.0)
+    for r in range(3):
+        q.inject(r, "delay", ops=(op,), delay=0.3, count=1)
+    t0 = time.monotonic()
+    if op == "read":
+        q.read(0, BS)
+    elif op == "write":
+        q.write(0, bytes(BS))
+    elif op == "flush":
+        q.flush()
+    else:
+        q.discard(0, BS)
+    elapsed = time.monotonic() - t0
+    assert 0.28 <= elapsed < 0.75, elapsed
+    assert states(q) == ["in-service"] * 3
+
+
+def test_flush_failing_on_two_of_three_is_degraded(imgs, open_quorum):
+    q = open_quorum(imgs, 2)
+    q.inject(0, "eio", ops=("flush",))
+    q.inject(2, "eio", ops=("flush",))
+    with pytest.raises(DegradedError) as ei:
+        q.flush()
+    assert ei.value.errno == errno.EIO
+    assert states(q) == ["failed", "in-service", "failed"]
+
+
+def test_threshold_one_serves_down_to_the_last_replica(imgs, open_quorum):
+    good = image(imgs[0])
+    with pytest.warns(UserWarning):
+        q = open_quorum(imgs, 1)
+    q.inject(0, "eio", ops=("read",), count=1)
+    q.inject(1, "eio", ops=("read",), count=1)
+    assert q.read(0, BS) == good[:BS]
+    assert states(q) == ["failed", "failed", "in-service"]
+    new = pattern(12, BS)
+    q.write(0, new)
+    assert q.read(0, BS) == new
+    q.inject(2, "eio", ops=("read",))
+    with pytest.raises(DegradedError):
+        q.read(0, BS)
+    with pytest.raises(DegradedError):
+        q.write(0, new)
