@@ -330,3 +330,62 @@ def test_model_segments():
     assert vote({0: b"a", 1: b"b", 2: b"b"}, 2) == [1, 2]
     assert vote({1: b"a", 2: b"b", 3: b"b", 0: b"a"}, 2) == [0, 1]
     assert vote({0: b"a", 1: b"b", 2: b"c"}, 2) is None
+
+
+# ---- policy "threshold" returns what policy "all" returns ----
+#
+# With a majority threshold, a class of `threshold` agreeing copies is the
+# largest class among all copies, so reading only `threshold` replicas first
+# (and the rest on doubt) must return the same data, or fail the same way,
+# as reading all of them. repair=False keeps the images fixed between reads.
+
+from hypothesis import given  # noqa: E402
+
+
+@given(n=st.sampled_from([3, 4, 5]),
+       corruptions=st.lists(st.tuples(st.integers(0, 4),
+                                      st.integers(0, SECTORS - 1),
+                                      st.integers(0, 2)), max_size=12),
+       reads=st.lists(sector_range, min_size=1, max_size=12))
+@settings(max_examples=int(os.environ.get("QB_MODEL_EXAMPLES", "100")),
+          deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+def test_policy_threshold_returns_what_all_returns(n, corruptions, reads):
+    import random
+    t = n // 2 + 1
+    data = random.Random(n).randbytes(SIZE)
+    d = tempfile.mkdtemp(prefix="qbpolicy-",
+                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        paths = []
+        for i in range(n):
+            p = os.path.join(d, f"r{i}.img")
+            with open(p, "wb") as f:
+                f.write(data)
+            paths.append(p)
+        m = Model(data, n, t, repair=False)
+        for r, sector, val in corruptions:
+            r %= n
+            off = sector * SECTOR + 100
+            fd = os.open(paths[r], os.O_WRONLY)
+            os.pwrite(fd, bytes([val]) * 8, off)
+            os.close(fd)
+            m.img[r][off:off + 8] = bytes([val]) * 8
+        q_all = Quorum(paths, t, read_policy="all", repair=False)
+        q_thr = Quorum(paths, t, read_policy="threshold", repair=False)
+        try:
+            for _ in range(2):          # rotate over different first sets
+                for off, length in reads:
+                    want, _ = m.read(off, length)
+                    outs = []
+                    for q in (q_all, q_thr):
+                        try:
+                            outs.append(q.read(off, length))
+                        except (DegradedError, NoQuorumError) as e:
+                            outs.append(type(e))
+                    assert outs == [want, want], (off, length)
+        finally:
+            q_all.close()
+            q_thr.close()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
