@@ -121,3 +121,21 @@ def test_threads_see_one_replica_fail_together(shm_imgs, open_quorum):
     failed = [e for e in q.events() if e["type"] == "replica-failed"]
     assert [e["replica"] for e in failed] == [1]     # reported once
     assert pread(imgs[1], 0, BS) == good[:BS]
+
+
+def test_finished_threads_give_back_their_engine_context(shm_imgs,
+                                                         open_quorum):
+    """Every thread gets its own context (an io_uring and its buffers);
+    when the thread ends, that must be released, or a program that uses
+    short-lived threads runs out of file descriptors."""
+    import os
+    q = open_quorum(shm_imgs, 2)
+    q.read(0, BS)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(300):
+        t = threading.Thread(target=lambda: q.read(0, BS))
+        t.start()
+        t.join()
+    grown = len(os.listdir("/proc/self/fd")) - fds
+    assert grown < 30, f"{grown} file descriptors more after 300 threads"
+    assert q.status()["counters"]["reads"] == 301
