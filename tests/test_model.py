@@ -178,7 +178,7 @@ class QuorumMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="qbmodel-", dir=base)
         self.q = None
 
-    @initialize(n=st.sampled_from([2, 3, 3, 4, 1]), tpick=st.integers(0, 3),
+    @initialize(n=st.sampled_from([2, 3, 3, 4, 5, 1]), tpick=st.integers(0, 4),
                 repair=st.booleans(), seed=st.integers(0, 3),
                 hash=st.sampled_from(["xxh3", "sha256"]),
                 vb=st.sampled_from([VB, VB, 512, 2048, 8192]))
@@ -254,7 +254,7 @@ class QuorumMachine(RuleBasedStateMachine):
         self.check_events(ev)
 
     @precondition(lambda self: self.q is not None)
-    @rule(r=st.integers(0, 3), sector=st.integers(0, SECTORS - 1),
+    @rule(r=st.integers(0, 4), sector=st.integers(0, SECTORS - 1),
           at=st.integers(0, SECTOR - 16), val=st.integers(0, 2))
     def corrupt(self, r, sector, at, val):
         """Silent corruption; a small pool of values so that bad copies can
@@ -270,7 +270,7 @@ class QuorumMachine(RuleBasedStateMachine):
         self.m.img[r][off:off + 16] = data
 
     @precondition(lambda self: self.q is not None)
-    @rule(src=st.integers(0, 3), dst=st.integers(0, 3),
+    @rule(src=st.integers(0, 4), dst=st.integers(0, 4),
           block=st.integers(0, BLOCKS - 1))
     def copy_block(self, src, dst, block):
         """Replica dst silently takes replica src's copy of one block."""
@@ -285,7 +285,7 @@ class QuorumMachine(RuleBasedStateMachine):
         self.m.img[dst][block * VB:(block + 1) * VB] = data
 
     @precondition(lambda self: self.q is not None)
-    @rule(r=st.integers(0, 3), op=st.sampled_from(["read", "write"]))
+    @rule(r=st.integers(0, 4), op=st.sampled_from(["read", "write"]))
     def inject(self, r, op):
         r %= self.m.n
         self.q.inject(r, "eio", ops=(op,))
