@@ -139,3 +139,51 @@ def test_finished_threads_give_back_their_engine_context(shm_imgs,
     grown = len(os.listdir("/proc/self/fd")) - fds
     assert grown < 30, f"{grown} file descriptors more after 300 threads"
     assert q.status()["counters"]["reads"] == 301
+
+
+def test_concurrent_write_and_read_load_leaves_identical_replicas(
+        shm_imgs, open_quorum):
+    """Two threads keep writing their own 16 blocks (one write at a time
+    each, so no two writes overlap) while the C load generator reads the
+    same 32 blocks at depth 16 in a third: reads meet writes in flight all
+    the time and vote on half-written blocks. No repair may put older data
+    back, so once all are done every replica holds the same bytes, without
+    any read afterwards to fix them. Replicas 0 and 1 are slow to take
+    writes: a read in that window sees old, old, new and votes old, and a
+    repair of replica 2 would put the old data back over the new."""
+    imgs = shm_imgs
+    q = open_quorum(imgs, 2, events_per_sec=0)
+    q.inject(0, "delay", ops=("write",), delay=0.002)
+    q.inject(1, "delay", ops=("write",), delay=0.002)
+    stop = threading.Event()
+    out = {}
+
+    def writer(i):
+        rng = random.Random(i)
+        n = 0
+        while not stop.is_set():
+            b = i * 16 + rng.randrange(16)
+            q.write(b * BS, rng.randbytes(BS))
+            n += 1
+        out[i] = n
+
+    def reader():
+        out["read"] = q.bench(op="read", bs=BS, depth=16, count=20000,
+                              step=5 * BS, span=32 * BS)
+
+    ws = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    r = threading.Thread(target=reader)
+    for t in ws + [r]:
+        t.start()
+    r.join(120)
+    stop.set()
+    for t in ws:
+        t.join(30)
+    assert out["read"]["ops"] == 20000
+    assert out[0] > 10 and out[1] > 10
+    after = images(imgs)
+    for b in range(32):
+        copies = {a[b * BS:(b + 1) * BS] for a in after}
+        assert len(copies) == 1, f"replicas differ at block {b}"
+    st = q.status()
+    assert [s["state"] for s in st["replicas"]] == ["in-service"] * 3
