@@ -5,8 +5,10 @@ Each Python thread that does I/O on a Quorum gets its own engine context
 and events are shared by all of them in C.
 """
 import errno
+import functools
 import threading
 import warnings
+import weakref
 
 from ._core import ffi, lib
 from .errors import InvalidArgumentError, QuorumError, raise_for
@@ -70,6 +72,33 @@ def make_options(threshold, read_policy="all", hash="xxh3", vote_block=4096,
     return o
 
 
+class _ThreadCtx:
+    """One thread's engine context; destroyed when the thread ends (its
+    threading.local entry goes away)."""
+
+    def __init__(self, quorum, ptr):
+        self.owner = weakref.ref(quorum)
+        self.ptr = ptr
+
+    def __del__(self):
+        quorum = self.owner()
+        if quorum is not None:
+            quorum._release(self.ptr)
+
+
+def _guarded(method):
+    """Run method inside the engine: close() waits for it, and after
+    close() it raises EBADF."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        self._enter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._leave()
+    return call
+
+
 class Quorum:
     """N replica images voted as one device.
 
@@ -98,31 +127,53 @@ class Quorum:
         self.max_io = opts.max_io
         self._local = threading.local()
         self._ctxs = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._busy = 0          # calls inside the engine right now
 
     # -- contexts --
     def _ctx(self):
-        ctx = getattr(self._local, "ctx", None)
-        if ctx is None:
-            if self._q is None:
-                raise QuorumError(errno.EBADF, "the quorum is closed")
+        holder = getattr(self._local, "ctx", None)
+        if holder is None:
             out = ffi.new("struct qb_ctx **")
             raise_for(lib.qb_ctx_create(self._q, CTX_DEPTH, 0, out), lib, ffi)
-            ctx = self._local.ctx = out[0]
+            holder = self._local.ctx = _ThreadCtx(self, out[0])
             with self._lock:
-                self._ctxs.append(ctx)
-        return ctx
+                self._ctxs.append(out[0])
+        return holder.ptr
+
+    def _release(self, ptr):
+        """A thread ended: destroy its context (unless close() did)."""
+        with self._lock:
+            if self._q is not None and ptr in self._ctxs:
+                self._ctxs.remove(ptr)
+                lib.qb_ctx_destroy(ptr)
 
     def close(self):
-        """Release the engine contexts and close the replicas."""
+        """Release the engine contexts and close the replicas. Calls in
+        other threads finish first; later ones raise EBADF."""
         with self._lock:
-            if self._q is None:
+            q, self._q = self._q, None
+            if q is None:
                 return
+            while self._busy:
+                self._idle.wait()
             # qb_quorum_close destroys every context still registered
-            lib.qb_quorum_close(self._q)
-            self._q = None
+            lib.qb_quorum_close(q)
             self._ctxs = []
         self._local = threading.local()
+
+    def _enter(self):
+        with self._lock:
+            if self._q is None:
+                raise QuorumError(errno.EBADF, "the quorum is closed")
+            self._busy += 1
+
+    def _leave(self):
+        with self._lock:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.notify_all()
 
     def __enter__(self):
         return self
@@ -130,24 +181,27 @@ class Quorum:
     def __exit__(self, *exc):
         self.close()
 
-    def _check_open(self):
-        if self._q is None:
-            raise QuorumError(errno.EBADF, "the quorum is closed")
-
     # -- I/O --
-    def _io(self, op, offset, length, buf, flags=0):
-        self._check_open()
-        if offset < 0 or length < 0:
+    def _check_range(self, what, offset, length, limit=None):
+        if not (isinstance(offset, int) and isinstance(length, int)):
+            raise InvalidArgumentError(errno.EINVAL,
+                                       f"{what}: offset and length must be integers")
+        if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgumentError(
-                errno.EINVAL, f"offset {offset} and length {length} must not be negative")
+                errno.EINVAL, f"{what} at offset {offset} length {length} is "
+                f"outside the device ({self.size} bytes)")
+        if limit is not None and length > limit:
+            raise InvalidArgumentError(
+                errno.EINVAL, f"{what} length {length} is above max_io ({limit})")
+
+    @_guarded
+    def _io(self, op, offset, length, buf, flags=0):
         ret = lib.qb_ctx_io(self._ctx(), op, flags, offset, length, buf)
         return raise_for(ret, lib, ffi)
 
     def read(self, offset, length):
         """Voted data of [offset, offset + length) as bytes."""
-        if length < 0:
-            raise InvalidArgumentError(errno.EINVAL,
-                                       f"read length {length} must not be negative")
+        self._check_range("read", offset, length, self.max_io)
         buf = bytearray(length)
         self._io(lib.QB_OP_READ, offset, length, ffi.from_buffer(buf))
         return bytes(buf)
@@ -156,23 +210,34 @@ class Quorum:
         """Write data to every in-service replica; succeeds when at least
         threshold replicas took it."""
         view = ffi.from_buffer(data)
+        self._check_range("write", offset, len(view), self.max_io)
         self._io(lib.QB_OP_WRITE, offset, len(view), view,
                  lib.QB_REQ_FUA if fua else 0)
 
     def flush(self):
         self._io(lib.QB_OP_FLUSH, 0, 0, ffi.NULL)
 
+    def _zero_range(self, what, op, offset, length):
+        self._check_range(what, offset, length)
+        chunk = 1 << 30         # the engine takes 32-bit lengths
+        while True:
+            n = min(length, chunk)
+            self._io(op, offset, n, ffi.NULL)
+            offset, length = offset + n, length - n
+            if not length:
+                return
+
     def discard(self, offset, length):
-        self._io(lib.QB_OP_DISCARD, offset, length, ffi.NULL)
+        self._zero_range("discard", lib.QB_OP_DISCARD, offset, length)
 
     def write_zeroes(self, offset, length):
-        self._io(lib.QB_OP_WRITE_ZEROES, offset, length, ffi.NULL)
+        self._zero_range("write-zeroes", lib.QB_OP_WRITE_ZEROES, offset, length)
 
+    @_guarded
     def bench(self, op="read", bs=4096, depth=32, count=10000, step=0, start=0,
               span=None):
         """Run the C load generator: request i goes to
         (start + i * step) % span, aligned down to bs (step 0: sequential)."""
-        self._check_open()
         spec = ffi.new("struct qb_bench_spec *")
         spec.op = _choice("op", op, {"read": lib.QB_OP_READ,
                                      "write": lib.QB_OP_WRITE})
@@ -190,14 +255,14 @@ class Quorum:
                 "wall_s": res.wall_ns / 1e9, "cpu_s": res.cpu_ns / 1e9}
 
     # -- state --
+    @_guarded
     def replica_states(self):
-        self._check_open()
         return [REPLICA_STATES[lib.qb_quorum_replica_state(self._q, i)]
                 for i in range(len(self.paths))]
 
+    @_guarded
     def counters(self):
         """(device counters, [per-replica counters]) as dicts."""
-        self._check_open()
         dev = ffi.new("struct qb_counters *")
         reps = ffi.new("struct qb_counters[]", len(self.paths))
         lib.qb_quorum_counters(self._q, dev, reps)
@@ -218,9 +283,9 @@ class Quorum:
                 "in_service": sum(r["state"] == "in-service" for r in replicas),
                 "replicas": replicas, "counters": device}
 
+    @_guarded
     def events(self, max_events=4096):
         """Drain pending events as dicts."""
-        self._check_open()
         buf = ffi.new("struct qb_event[]", max_events)
         n = lib.qb_quorum_events(self._q, buf, max_events)
         out = []
@@ -238,16 +303,16 @@ class Quorum:
             })
         return out
 
+    @_guarded
     def event_fd(self):
-        self._check_open()
         return lib.qb_quorum_event_fd(self._q)
 
+    @_guarded
     def inject(self, replica, kind="eio", ops=("read", "write", "flush",
                                                 "discard", "write_zeroes"),
                offset=0, length=None, count=0, delay=0.0):
         """Test hook: make replica's I/Os fail ("eio"), never answer
         ("hang") or start late ("delay"); kind None clears it."""
-        self._check_open()
         mask = 0
         for op in ops:
             mask |= 1 << _choice("op", op, OPS)
