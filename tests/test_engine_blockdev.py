@@ -2,6 +2,7 @@
 deployment: size from the device, the same device twice refused, discard and
 write-zeroes through fallocate on a device, corruption outvoted and repaired.
 Needs root and losetup; skipped otherwise, saying why."""
+import errno
 import os
 import shutil
 import subprocess
@@ -26,14 +27,11 @@ pytestmark = pytest.mark.skipif(_why_not() is not None,
                                 reason=_why_not() or "")
 
 
-@pytest.fixture
-def loops(tmp_path):
-    """Three loop devices over three identical images; detached after."""
-    files = make_images(tmp_path)
+def attach(files, *extra):
     devs = []
     try:
         for f in files:
-            out = subprocess.run(["losetup", "-f", "--show", f],
+            out = subprocess.run(["losetup", "-f", "--show", *extra, f],
                                  capture_output=True, text=True, timeout=30)
             if out.returncode != 0:
                 pytest.skip(f"losetup failed: {out.stderr.strip()}")
@@ -42,6 +40,18 @@ def loops(tmp_path):
     finally:
         for d in devs:
             subprocess.run(["losetup", "-d", d], timeout=30)
+
+
+@pytest.fixture
+def loops(tmp_path):
+    """Three loop devices over three identical images; detached after."""
+    yield from attach(make_images(tmp_path))
+
+
+@pytest.fixture
+def loops_4k(tmp_path):
+    """The same with 4096-byte logical sectors (a 4Kn disk)."""
+    yield from attach(make_images(tmp_path), "--sector-size", "4096")
 
 
 def dev_read(dev, off=0, length=IMAGE_SIZE):
@@ -102,3 +112,25 @@ def test_file_and_device_sizes_must_agree(loops, tmp_path, open_quorum):
         open_quorum([loops[0], loops[1], f], 2)
     assert str(IMAGE_SIZE) in str(ei.value)
     assert str(IMAGE_SIZE // 2) in str(ei.value)
+
+
+def test_io_below_the_replicas_sector_size_is_refused(loops_4k, open_quorum):
+    """On replicas with 4 KiB logical sectors, O_DIRECT I/O must be 4 KiB
+    aligned. A 512-byte request is the caller's error: InvalidArgumentError
+    naming the alignment, every replica stays in service, nothing written;
+    it must not fail the replicas one by one until the device is gone."""
+    good = dev_read(loops_4k[0])
+    q = open_quorum(loops_4k, 2)
+    for call in (lambda: q.read(512, 512), lambda: q.write(512, b"x" * 512),
+                 lambda: q.read(BS, 512), lambda: q.discard(512, 512)):
+        with pytest.raises(InvalidArgumentError) as ei:
+            call()
+        assert ei.value.errno == errno.EINVAL
+        assert "4096" in str(ei.value)
+    st = q.status()
+    assert [r["state"] for r in st["replicas"]] == ["in-service"] * 3
+    assert all(dev_read(d) == good for d in loops_4k)
+    # aligned I/O works
+    assert q.read(BS, 2 * BS) == good[BS:3 * BS]
+    q.write(BS, b"y" * BS)
+    assert all(dev_read(d, BS, BS) == b"y" * BS for d in loops_4k)
