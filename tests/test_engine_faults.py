@@ -2,6 +2,7 @@
 writes, replicas that never answer, and the quorum that is left
 (DESIGN.md: writes, replica timeout, out of service)."""
 import errno
+import os
 import threading
 import time
 
@@ -274,7 +275,6 @@ def test_close_after_timed_out_reads_does_not_crash(tmp_path):
     """Timed-out reads leave buffers the kernel may still own; closing the
     quorum afterwards must free only what the engine mapped (run in a child
     process: a crash here must not take the test run down)."""
-    import os
     import subprocess
     import sys
     code = CLOSE_AFTER_TIMEOUT.format(
@@ -449,3 +449,18 @@ def test_threshold_one_serves_down_to_the_last_replica(imgs, open_quorum):
         q.read(0, BS)
     with pytest.raises(DegradedError):
         q.write(0, new)
+
+
+def test_a_really_failing_replica_truncated_under_the_engine(imgs,
+                                                            open_quorum):
+    """No injection: replica 1's file loses its second half while open. A
+    read there comes back short, which is an error: the vote goes on with
+    the other two, and replica 1 leaves service."""
+    good = image(imgs[0])
+    q = open_quorum(imgs, 2)
+    os.truncate(imgs[1], 128 * BS)
+    assert q.read(200 * BS, 4 * BS) == good[200 * BS:204 * BS]
+    assert states(q) == ["in-service", "failed", "in-service"]
+    failed = of_type(q.events(), "replica-failed")
+    assert [(e["replica"], e["offset"]) for e in failed] == [(1, 200 * BS)]
+    assert q.read(0, 4 * BS) == good[:4 * BS]
