@@ -13,6 +13,7 @@ sparse files in /dev/shm (tmpfs: O_DIRECT works, unlike the 9p share).
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -114,6 +115,13 @@ def differing_blocks(a, b, bs=4096):
     return out
 
 
+def is_blockdev(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def wait_gone(path, timeout=10.0):
     end = time.monotonic() + timeout
     while os.path.exists(path) and time.monotonic() < end:
@@ -191,6 +199,17 @@ class Served:
         self.stopped = True
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_nodes():
+    """A program that opened /dev/ublkbN after the device went away may have
+    created a regular file there, which would hide the next device's node."""
+    for name in os.listdir("/dev"):
+        path = os.path.join("/dev", name)
+        if name.startswith(("ublkb", "ublkc")) and os.path.isfile(path):
+            os.unlink(path)
+    yield
+
+
 @pytest.fixture
 def scratch(request):
     """A fresh folder in /dev/shm for this test's replica images."""
@@ -212,6 +231,7 @@ def serve():
         if s.error:
             raise AssertionError(f"device did not start: {s.error}")
         started.append(s)
+        assert is_blockdev(s.path), f"{s.path} is not a block device once LIVE"
         return s
 
     yield _serve

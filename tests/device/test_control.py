@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import MAX_IO, Served, run, wait_gone
+from conftest import MAX_IO, Served, is_blockdev, run, wait_gone
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -114,3 +114,33 @@ def test_external_delete_ends_the_server_wait(images, serve):
     assert done.wait(60), "DEL_DEV from outside did not return"
     assert not err, err
     assert wait_gone(s.path)
+
+
+def test_stop_during_fio_does_not_hang(images, serve):
+    import subprocess
+    s = serve(images(3, 64 << 20), 2)
+    p = subprocess.Popen(
+        ["fio", "--name=qb", f"--filename={s.path}", "--direct=1",
+         "--ioengine=io_uring", "--rw=randrw", "--bs=4k", "--iodepth=32",
+         "--time_based", "--runtime=300", "--size=64m",
+         "--allow_file_create=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # stop only once fio's I/O reaches the device (TCG starts slowly)
+        end = time.monotonic() + 120
+        while time.monotonic() < end and p.poll() is None:
+            c = s.status()["counters"]
+            if c["reads"] > 50 and c["writes"] > 50:
+                break
+            time.sleep(0.5)
+        assert p.poll() is None, p.communicate()[0]
+        t0 = time.monotonic()
+        r = s.stop(timeout=120)
+        assert r["ok"], r
+        assert time.monotonic() - t0 < 120
+        out, _ = p.communicate(timeout=120)   # fio ends: its device is gone
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 or "err=" in out
+    assert wait_gone(s.path) and wait_gone(f"/dev/ublkc{s.id}")
