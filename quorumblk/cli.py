@@ -210,7 +210,8 @@ def cmd_status(args):
 def cmd_del(args):
     runtime.require_root("quorumblk del")
     if args.all:
-        targets = [st["id"] for st in runtime.live_states()]
+        live, orphaned = runtime.scan()
+        targets = sorted(st["id"] for st in live + orphaned)
     else:
         targets = [args.dev]
     done, failed = [], []

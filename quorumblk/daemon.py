@@ -16,12 +16,13 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import warnings
 
 from . import runtime
 from .core import Quorum
-from .runtime import CommandError, DaemonError, StartError
+from .runtime import CommandError, DaemonError, NoSuchDeviceError, StartError
 
 EVENT_DRAIN_S = 0.2
 RECENT_EVENTS = 100
@@ -466,10 +467,19 @@ def _send(fd, msg):
 # -- the other commands' library calls --
 
 def list_devices():
-    """Every running device: its state file and, when the daemon answers,
-    its replica states."""
+    """Every device: its state file and, when the daemon answers, its
+    replica states; a device whose daemon died is "orphaned"."""
     out = []
-    for st in runtime.live_states():
+    live, orphaned = runtime.scan()
+    for st in orphaned:
+        out.append({"id": st["id"], "path": st["path"], "pid": st["pid"],
+                    "threshold": st["threshold"], "size": st.get("size"),
+                    "state": "orphaned",
+                    "error": f"daemon pid {st['pid']} died; `quorumblk del {st['id']}` "
+                             "removes the device",
+                    "replicas": [{"path": r["path"], "state": "unknown"}
+                                 for r in st.get("replicas", [])]})
+    for st in live:
         entry = {"id": st["id"], "path": st["path"], "pid": st["pid"],
                  "threshold": st["threshold"], "size": st.get("size")}
         try:
@@ -483,7 +493,7 @@ def list_devices():
             entry["replicas"] = [{"path": r["path"], "state": "unknown"}
                                  for r in st.get("replicas", [])]
         out.append(entry)
-    return out
+    return sorted(out, key=lambda e: e["id"])
 
 
 def device_status(dev):
@@ -492,8 +502,11 @@ def device_status(dev):
 
 
 def delete(dev, timeout=30.0):
-    """Stop device dev in order and wait until its daemon and node are gone."""
-    st = runtime.find(dev)
+    """Stop device dev in order and wait until its daemon and node are gone.
+    A device whose daemon died is removed from the kernel."""
+    st = runtime.find(dev, orphans=True)
+    if not runtime.is_live(st):
+        return _delete_orphan(st, timeout)
     try:
         runtime.request(st["id"], "stop")
         how = "stop request"
@@ -509,3 +522,39 @@ def delete(dev, timeout=30.0):
                           f"{how}: {', '.join(left)}")
     runtime.remove_files(st["id"])
     return {"id": st["id"], "path": st["path"], "pid": st["pid"], "deleted": True}
+
+
+def _delete_orphan(st, timeout):
+    """DEL_DEV for a device whose daemon died, if the kernel says that
+    daemon served it (never another server's device that took the id)."""
+    device = _device_module()
+    dev_id = st["id"]
+    try:
+        info = device.dev_info(dev_id)
+    except OSError:
+        info = None
+    if info is not None and info["pid"] not in (st["pid"], -1, 0):
+        runtime.remove_files(dev_id)
+        raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon (pid {st['pid']}) "
+                                f"is gone and ublk device {dev_id} is now served by pid "
+                                f"{info['pid']}: left alone; removed the stale state")
+    result = []
+
+    def _del():
+        try:
+            device.delete(dev_id)
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    t = threading.Thread(target=_del, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise DaemonError(f"device {dev_id}: deleting it from the kernel did not finish "
+                          f"within {timeout:.0f} s (is /dev/ublkc{dev_id} still open?)")
+    if result[0] is not None and runtime.kernel_has(dev_id):
+        raise DaemonError(f"device {dev_id}: deleting it from the kernel failed: {result[0]}")
+    runtime.remove_files(dev_id)
+    return {"id": dev_id, "path": st["path"], "pid": st["pid"], "deleted": True,
+            "orphaned": True}

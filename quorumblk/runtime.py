@@ -205,26 +205,39 @@ def is_live(state):
     return pid_alive(state.get("pid"), state.get("start_time"))
 
 
-def live_states():
-    """The state of every device whose daemon still runs; the files of
-    daemons that died are removed (they are stale)."""
-    out = []
+def kernel_has(dev_id):
+    """Whether the kernel still has ublk device dev_id (whoever serves it)."""
+    return os.path.isdir(f"/sys/class/ublk-char/ublkc{dev_id}")
+
+
+def scan():
+    """(live, orphaned): the states of devices whose daemon runs, and of
+    those whose daemon died while the kernel still holds the device (`del`
+    removes it). The files of other dead daemons are stale: removed."""
+    live, orphaned = [], []
     for dev_id in state_ids():
         st = read_state(dev_id)
         if st is None:
             continue
         if is_live(st):
-            out.append(st)
+            live.append(st)
+        elif kernel_has(dev_id):
+            orphaned.append(st)
         else:
             remove_files(dev_id)
-    return out
+    return live, orphaned
+
+
+def live_states():
+    return scan()[0]
 
 
 def replicas_in_use(identities):
     """[(replica path given, device id, its path there)] for each replica
     that a running device already uses."""
     clashes = []
-    for st in live_states():
+    live, orphaned = scan()
+    for st in live + orphaned:
         for theirs in st.get("replicas", []):
             for mine in identities:
                 if same_replica(mine, theirs):
@@ -241,18 +254,25 @@ def parse_dev(dev):
     return int(m.group(1))
 
 
-def find(dev):
-    """The running device named dev, as its state dict."""
+def find(dev, orphans=False):
+    """The device named dev, as its state dict. With orphans, also a device
+    whose daemon died while the kernel still holds it."""
     dev_id = parse_dev(dev)
     st = read_state(dev_id)
     if st is None:
         raise NoSuchDeviceError(f"no quorumblk device {dev_id} "
                                 f"(no {state_path(dev_id)})")
-    if not is_live(st):
-        remove_files(dev_id)
-        raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon "
-                                f"(pid {st.get('pid')}) is gone; removed its stale state")
-    return st
+    if is_live(st):
+        return st
+    if kernel_has(dev_id):
+        if orphans:
+            return st
+        raise DaemonError(f"quorumblk device {dev_id}: its daemon (pid {st.get('pid')}) "
+                          f"died; the kernel still has the device: `quorumblk del {dev_id}` "
+                          "removes it")
+    remove_files(dev_id)
+    raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon "
+                            f"(pid {st.get('pid')}) is gone; removed its stale state")
 
 
 # -- the lock that serialises adds (checks, start, state) --

@@ -297,6 +297,38 @@ def test_foreground_daemon_exits_0_on_signal(images, sig):
     assert wait_gone(path, 5)
 
 
+def test_daemon_killed_leaves_nothing_that_del_cannot_remove(images, cli):
+    """kill -9 of the daemon: the kernel keeps the device (no user recovery
+    yet) without a server; list shows it orphaned, status says so, and del
+    removes it from the kernel."""
+    paths = images(3, 16 << 20)
+    info = cli("-t", "2", *paths)
+    os.kill(info["pid"], signal.SIGKILL)
+    assert wait_dead(info["pid"])
+    lst = json.loads(qb("list", "--json").stdout)
+    kept = os.path.isdir(f"/sys/class/ublk-char/ublkc{info['id']}")
+    print(f"after kill -9 the kernel {'kept' if kept else 'removed'} ublk device {info['id']}")
+    if kept:
+        (mine,) = [d for d in lst if d["id"] == info["id"]]
+        assert mine["state"] == "orphaned"
+        p = qb("status", info["id"])
+        assert p.returncode == 8 and "died" in p.stderr
+        others = images(2, 16 << 20, prefix="o")
+        p = qb("add", "-t", "2", others[0], others[1], paths[0])
+        assert p.returncode == 5, p.stderr
+        p = qb("del", info["id"], timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(qb("list", "--json").stdout) == [
+            d for d in lst if d["id"] != info["id"]]
+    else:
+        assert not [d for d in lst if d["id"] == info["id"]]
+    assert wait_gone(info["path"], 10) and wait_gone(f"/dev/ublkc{info['id']}", 10)
+    assert not os.path.exists(f"{RUN_DIR}/{info['id']}.json")
+    # the replicas are free again
+    again = cli("-t", "2", *paths)
+    assert qb("del", again["id"]).returncode == 0
+
+
 def test_bitflips_show_in_status_and_are_repaired(images, cli):
     paths = images(3, 32 << 20)
     info = cli("-t", "2", *paths)
