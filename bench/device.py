@@ -41,6 +41,7 @@ sys.path[:0] = [ROOT]
 from bench.engine import MIB, direct_ok, images_agree, system_info  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")
+SINGLE = "loop"		# the one-image kernel baseline's name ("ram disk" on ram)
 WORKLOADS = [
     # name, fio rw, bs, depth
     ("4k-randread", "randread", 4096, 32),
@@ -70,18 +71,37 @@ def cpu_busy():
     return sum(v) - idle, sum(v)
 
 
-def make_images(directory, size, n):
-    os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, f"img{i}.img") for i in range(n)]
+def ram_disks(size, n):
+    """n brd RAM disks of size bytes: /dev/ram0 .. (the module must not be
+    in use already)."""
+    subprocess.run(["rmmod", "brd"], capture_output=True)
+    run(["modprobe", "brd", f"rd_nr={n}", f"rd_size={size // 1024}",
+         "max_part=0"])
+    paths = [f"/dev/ram{i}" for i in range(n)]
+    for _ in range(50):
+        if all(os.path.exists(p) for p in paths):
+            return paths
+        time.sleep(0.1)
+    raise RuntimeError("brd did not create /dev/ram*")
+
+
+def make_images(directory, size, n, paths=None):
+    """Fill n images (files in directory, or the given block devices) with
+    the same random bytes: never holes, which read without any I/O."""
+    if paths is None:
+        os.makedirs(directory, exist_ok=True)
+        paths = [os.path.join(directory, f"img{i}.img") for i in range(n)]
     chunk = os.urandom(4 * MIB)
     data = bytearray(chunk)
-    with open(paths[0], "wb") as f:
+    with open(paths[0], "r+b" if paths[0].startswith("/dev/") else "wb") as f:
         for off in range(0, size, len(chunk)):
             data[:8] = off.to_bytes(8, "little")
             f.write(data)
-        f.truncate(size)
+        if not paths[0].startswith("/dev/"):
+            f.truncate(size)
     for p in paths[1:]:
-        with open(paths[0], "rb") as src, open(p, "wb") as dst:
+        with open(paths[0], "rb") as src, \
+                open(p, "r+b" if p.startswith("/dev/") else "wb") as dst:
             while True:
                 b = src.read(8 * MIB)
                 if not b:
@@ -161,11 +181,15 @@ class Loop:
         self.path, self.direct = path, direct
 
     def __enter__(self):
+        if self.path.startswith("/dev/"):	# a RAM disk: itself
+            self.dev = None
+            return self.path
         self.dev, self.direct = losetup(self.path, self.direct)
         return self.dev
 
     def __exit__(self, *exc):
-        run(["losetup", "-d", self.dev], check=False)
+        if self.dev:
+            run(["losetup", "-d", self.dev], check=False)
 
 
 class Raid1:
@@ -175,13 +199,18 @@ class Raid1:
 
     def __enter__(self):
         try:
+            members = []
             for p in self.paths:
+                if p.startswith("/dev/"):	# RAM disks: directly
+                    members.append(p)
+                    continue
                 dev, self.direct = losetup(p, self.direct)
                 self.loops.append(dev)
+                members.append(dev)
             # --build: no superblock, the images stay as they are
             run(["mdadm", "--build", "/dev/md/qbbench", "--level=1",
-                 f"--raid-devices={len(self.loops)}", "--assume-clean",
-                 "--run"] + self.loops)
+                 f"--raid-devices={len(members)}", "--assume-clean",
+                 "--run"] + members)
         except Exception:
             self.__exit__()
             raise
@@ -207,7 +236,7 @@ def contenders(imgs, single, direct, args):
                 lambda: QuorumDevice([single], 1, "all", direct, args.queues,
                                      args.depth), True))
     out.append(("md raid1", "md", lambda: Raid1(imgs, direct), True))
-    out.append(("loop", "loop", lambda: Loop(single, direct), True))
+    out.append((SINGLE, "loop", lambda: Loop(single, direct), True))
     return out
 
 
@@ -239,7 +268,7 @@ def rate(r):
 
 
 def table(rows):
-    head = ("workload", "contender", "IOPS", "MiB/s", "x md raid1", "x loop",
+    head = ("workload", "contender", "IOPS", "MiB/s", "x md raid1", f"x {SINGLE}",
             "x 1-replica", "cpu us/io", "cpu busy", "spread", "target", "")
     lines = [head]
     refs = {}
@@ -259,7 +288,7 @@ def table(rows):
         text, met = targets(r, ref)
         lines.append((r["workload"], r["contender"], f"{rate(r):,.0f}",
                       f"{r['bytes'] / r['wall_s'] / MIB:,.0f}", x("md raid1"),
-                      x("loop"), x("quorumblk 1 replica"),
+                      x(SINGLE), x("quorumblk 1 replica"),
                       f"{r['cpu_s'] / r['ops'] * 1e6:.1f}",
                       f"{r['cpu_share'] * 100:.0f}%",
                       f"{r['spread'] * 100:.0f}%", text, met))
@@ -302,6 +331,10 @@ def main(argv=None):
     ap.add_argument("--size-mib", type=int, default=256,
                     help="size of each image (default 256; four are made)")
     ap.add_argument("--dir", default="/dev/shm/quorumblk-devbench")
+    ap.add_argument("--media", choices=("shm", "ram"), default="shm",
+                    help="shm: image files in --dir (default); ram: four brd "
+                    "RAM disks, md raid1 directly on three, the fourth alone "
+                    "as the kernel baseline")
     ap.add_argument("--queues", type=int, default=None,
                     help="ublk queues (default: the device's, min(CPUs, 4))")
     ap.add_argument("--depth", type=int, default=128)
@@ -314,13 +347,21 @@ def main(argv=None):
         log(f"bench.device: cannot run here: {why}. Use bench/run-device-vm.")
         return 2
     info = system_info()
+    global SINGLE
     size = args.size_mib * MIB
-    os.makedirs(args.dir, exist_ok=True)
-    direct = direct_ok(args.dir)
-    log(f"bench.device: kernel {platform.release()}, {os.cpu_count()} CPUs; "
-        f"writing 4 x {args.size_mib} MiB in {args.dir} "
-        f"(O_DIRECT {'ok' if direct else 'refused: buffered'})")
-    paths = make_images(args.dir, size, 4)
+    if args.media == "ram":
+        SINGLE = "ram disk"
+        direct = True
+        paths = make_images(None, size, 4, ram_disks(size, 4))
+        where = "brd RAM disks"
+    else:
+        os.makedirs(args.dir, exist_ok=True)
+        direct = direct_ok(args.dir)
+        log(f"bench.device: writing 4 x {args.size_mib} MiB in {args.dir} "
+            f"(O_DIRECT {'ok' if direct else 'refused: buffered'})")
+        paths = make_images(args.dir, size, 4)
+        where = f"images in {args.dir}"
+    log(f"bench.device: kernel {platform.release()}, {os.cpu_count()} CPUs")
     imgs, single = paths[:3], paths[3]
     rows, notes = [], []
     started = time.monotonic()
@@ -364,12 +405,16 @@ def main(argv=None):
             rows.append(row)
     agree = images_agree(imgs)
     elapsed = time.monotonic() - started
-    for p in paths:
-        os.unlink(p)
+    if args.media == "ram":
+        subprocess.run(["rmmod", "brd"], capture_output=True)
+    else:
+        for p in paths:
+            os.unlink(p)
 
     text = table(rows)
-    print(f"quorumblk device benchmark: fio on /dev/ublkbN vs md raid1 (3 "
-          f"loop devices) vs loop, images {args.size_mib} MiB in {args.dir}, "
+    md_over = "3 RAM disks" if args.media == "ram" else "3 loop devices"
+    print(f"quorumblk device benchmark: fio on /dev/ublkbN vs md raid1 ("
+          f"{md_over}) vs {SINGLE}, {args.size_mib} MiB {where}, "
           f"{args.seconds:g} s per run, best of {args.reps} taken in turns")
     print(f"date {info['date']}  commit {info['commit']}  kernel "
           f"{platform.release()}  cpu {info['cpu']} x{info['cpus']}  "

@@ -544,6 +544,7 @@ def main(argv=None):
             return 2
 
     info = system_info()
+    load0 = os.getloadavg()[0]
     size = args.size_mib * MIB
     # every worker imports the same build: a copy taken now, so a rebuild
     # in the checkout during the run cannot mix two engines in one table
@@ -569,7 +570,9 @@ def main(argv=None):
               "random = stride 4096*7919 (qemu-img bench -S; fio: lfsr); "
               "x raw/3 = rate / (one raw file's rate / 3); cpu = user+sys of "
               "the whole process per request, start-up removed;\n"
-              "spread = (fastest - slowest run) / fastest")
+              "spread = (fastest - slowest run) / fastest; load average "
+              f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+              f"({info['cpus']} CPUs: above that, other work shared them)")
     print(header)
     print(text)
     for c in checks:
