@@ -34,6 +34,30 @@ def test_offsets_beyond_4_gib(tmp_path, open_quorum):
     assert q.read(size - BS, BS) == bytes(BS)
 
 
+def test_discard_and_write_zeroes_longer_than_4_gib(tmp_path, open_quorum):
+    """The engine's lengths are 32-bit; a longer range must still be done
+    whole (split), not refused or cut short."""
+    size = 5 * GiB
+    paths = []
+    for i in range(3):
+        p = str(tmp_path / f"big{i}.img")
+        with open(p, "wb") as f:
+            f.truncate(size)
+        paths.append(p)
+    q = open_quorum(paths, 2)
+    marks = [0, GiB, 4 * GiB + 8 * BS, size - BS]
+    for op in ("discard", "write_zeroes"):
+        for m in marks:
+            q.write(m, b"\x5a" * BS)
+        getattr(q, op)(0, size)
+        for m in marks:
+            assert q.read(m, BS) == bytes(BS), (op, m)
+            for p in paths:
+                assert pread(p, m, BS) == bytes(BS), (op, p, m)
+        for p in paths:
+            assert os.path.getsize(p) == size
+
+
 def test_size_not_a_multiple_of_the_vote_block(tmp_path, open_quorum):
     from conftest import make_images
     size = 10 * BS + 3 * 512
