@@ -3,8 +3,13 @@
 # with `vng --exec`), or on a host whose kernel has ublk. Loads the modules
 # the tests use, gives /dev/shm room for replica images, and runs pytest on
 # tests/device with a timeout per test; exits with pytest's status.
-# Extra arguments go to pytest (e.g. -k fio).
+# Extra arguments go to pytest (e.g. -k fio); `--args-file F` reads them
+# NUL-separated from F instead (how scripts/test-device passes them).
 set -u
+if [ "${1:-}" = "--args-file" ]; then
+	mapfile -d '' args < "$2"
+	set -- "${args[@]}"
+fi
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 logs=tests/device/logs
