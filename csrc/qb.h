@@ -37,6 +37,8 @@ struct qb_replica {
 	int fd;
 	int state;			/* enum qb_replica_state, atomic */
 	int is_blockdev;
+	int memory_fs;			/* tmpfs/ramfs: I/O done in-thread */
+	uint32_t align;			/* direct-I/O offset and length unit */
 	int zero_mode;			/* how write-zeroes works here, atomic */
 	struct qb_fault fault;		/* under fault_lock */
 };
@@ -52,6 +54,7 @@ struct qb_quorum {
 	uint32_t n;
 	struct qb_options opt;
 	uint64_t size;
+	uint32_t align;			/* the largest of the replicas' */
 	struct qb_replica rep[QB_MAX_REPLICAS];
 	uint32_t in_service;		/* mask, atomic */
 
@@ -95,6 +98,10 @@ void qb_counters_add(struct qb_counters *to, const struct qb_counters *from);
 /* engine.c: add the counters of a list of contexts (under q->lock). */
 void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
 			 struct qb_counters *rep, uint32_t n);
+
+/* dio.c */
+uint32_t qb_dio_align(int fd, bool blockdev, bool buffered);
+bool qb_is_memory_fs(int fd);
 
 /* vote.c: vote over [0, len) of the voters' buffers; see qb_vote. */
 bool qb_all_equal(void *const *bufs, uint32_t mask, uint64_t len);

@@ -114,6 +114,8 @@ static int open_replica(struct qb_replica *r, const char *path, bool buffered,
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "%s: not a regular file or a block device", path);
 	}
+	r->align = qb_dio_align(r->fd, r->is_blockdev, buffered);
+	r->memory_fs = qb_is_memory_fs(r->fd);
 	if (*size < 4096 || *size % 512)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "%s: size %llu bytes: a replica must be a multiple of 512 bytes and at least 4096",
@@ -162,6 +164,14 @@ static int open_replicas(struct qb_quorum *q, const char *const *paths)
 			      "replica sizes differ: %s", msg);
 	}
 	q->size = size[0];
+	q->align = 512;
+	for (uint32_t i = 0; i < q->n; i++)
+		if (q->rep[i].align > q->align)
+			q->align = q->rep[i].align;
+	if (q->size % q->align)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "replica size %llu is not a multiple of %u bytes, the replicas' direct-I/O unit",
+			      (unsigned long long)q->size, q->align);
 	return 0;
 }
 
@@ -242,6 +252,11 @@ uint64_t qb_quorum_size(const struct qb_quorum *q)
 uint32_t qb_quorum_replicas(const struct qb_quorum *q)
 {
 	return q->n;
+}
+
+uint32_t qb_quorum_align(const struct qb_quorum *q)
+{
+	return q->align;
 }
 
 void qb_quorum_get_options(const struct qb_quorum *q, struct qb_options *o)

@@ -138,6 +138,9 @@ int qb_quorum_open(const char *const *paths, uint32_t n,
 void qb_quorum_close(struct qb_quorum *q);
 uint64_t qb_quorum_size(const struct qb_quorum *q);
 uint32_t qb_quorum_replicas(const struct qb_quorum *q);
+/* The unit every request's offset and length must be a multiple of: 512, or
+ * more where a replica's direct I/O needs it (4 KiB sectors). */
+uint32_t qb_quorum_align(const struct qb_quorum *q);
 void qb_quorum_get_options(const struct qb_quorum *q, struct qb_options *o);
 int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica);
 uint32_t qb_quorum_in_service(const struct qb_quorum *q);
