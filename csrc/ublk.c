@@ -364,6 +364,11 @@ static int params_check(struct qb_quorum *q, struct qb_dev_params *p)
 	if (p->logical_bs != 512 && p->logical_bs != 4096)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "block size %u: must be 512 or 4096", p->logical_bs);
+	if (p->logical_bs < qb_quorum_align(q))
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "block size %u is below the replicas' direct-I/O unit (%u bytes): use a block size of %u",
+			      p->logical_bs, qb_quorum_align(q),
+			      qb_quorum_align(q));
 	if (size % p->logical_bs)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "device size %llu is not a multiple of the block size %u",
