@@ -133,7 +133,7 @@ static bool same_object(const struct stat *a, const struct stat *b)
 static int open_replicas(struct qb_quorum *q, const char *const *paths)
 {
 	struct stat st[QB_MAX_REPLICAS];
-	uint64_t size[QB_MAX_REPLICAS];
+	uint64_t size[QB_MAX_REPLICAS] = { 0 };
 	int ret;
 
 	for (uint32_t i = 0; i < q->n; i++) {
