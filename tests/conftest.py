@@ -80,11 +80,7 @@ def imgs(tmp_path):
     return make_images(tmp_path)
 
 
-@pytest.fixture
-def shm_imgs(tmp_path):
-    """Three identical 1 MiB replicas in RAM (/dev/shm) when there is one:
-    for tests that time things, so that a disk busy with someone else's
-    benchmark cannot make a healthy replica miss a short replica timeout."""
+def _tmpfs_images(tmp_path):
     import shutil
     import tempfile
     if not os.path.isdir("/dev/shm"):
@@ -95,6 +91,25 @@ def shm_imgs(tmp_path):
         yield make_images(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs_imgs(tmp_path):
+    """Three identical 1 MiB replicas in RAM (/dev/shm) when there is one."""
+    yield from _tmpfs_images(tmp_path)
+
+
+@pytest.fixture(params=["tmpfs", "disk"])
+def media_imgs(request, tmp_path):
+    """Three identical 1 MiB replicas, once in RAM (/dev/shm: the engine
+    copies in its own thread there) and once on the local disk (O_DIRECT
+    through io_uring): timing, fault and race tests run on both paths. RAM
+    also keeps a disk busy with someone's benchmark from failing healthy
+    replicas against a short replica timeout."""
+    if request.param == "disk":
+        yield make_images(tmp_path)
+    else:
+        yield from _tmpfs_images(tmp_path)
 
 
 @pytest.fixture

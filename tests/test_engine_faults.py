@@ -153,10 +153,10 @@ def test_fifo_read_error_goes_to_the_next_replica(imgs, open_quorum):
 
 
 @pytest.mark.parametrize("op", ["read", "write", "flush"])
-def test_a_replica_that_never_answers_is_timed_out(shm_imgs, open_quorum, op):
-    good = image(shm_imgs[0])
+def test_a_replica_that_never_answers_is_timed_out(media_imgs, open_quorum, op):
+    good = image(media_imgs[0])
     timeout = 0.5
-    q = open_quorum(shm_imgs, 2, timeout=timeout)
+    q = open_quorum(media_imgs, 2, timeout=timeout)
     q.inject(1, "hang", ops=(op,))
     new = pattern(9, 2 * BS)
     t0 = time.monotonic()
@@ -180,12 +180,12 @@ def test_a_replica_that_never_answers_is_timed_out(shm_imgs, open_quorum, op):
     q.write(0, new)
     assert q.read(0, 2 * BS) == new
     assert time.monotonic() - t0 < 1.0
-    after = images(shm_imgs)
+    after = images(media_imgs)
     assert after[0][:2 * BS] == new and after[2][:2 * BS] == new
 
 
-def test_two_hung_replicas_fail_the_read_within_the_bound(shm_imgs, open_quorum):
-    q = open_quorum(shm_imgs, 2, timeout=0.5)
+def test_two_hung_replicas_fail_the_read_within_the_bound(media_imgs, open_quorum):
+    q = open_quorum(media_imgs, 2, timeout=0.5)
     q.inject(0, "hang", ops=("read",))
     q.inject(2, "hang", ops=("read",))
     t0 = time.monotonic()
@@ -196,9 +196,9 @@ def test_two_hung_replicas_fail_the_read_within_the_bound(shm_imgs, open_quorum)
     assert q.status()["counters"]["timeouts"] == 2
 
 
-def test_delay_beyond_the_timeout_is_a_timeout(shm_imgs, open_quorum):
-    good = image(shm_imgs[0])
-    q = open_quorum(shm_imgs, 2, timeout=0.3)
+def test_delay_beyond_the_timeout_is_a_timeout(media_imgs, open_quorum):
+    good = image(media_imgs[0])
+    q = open_quorum(media_imgs, 2, timeout=0.3)
     q.inject(2, "delay", ops=("read",), delay=2.0)
     t0 = time.monotonic()
     assert q.read(0, BS) == good[:BS]
@@ -207,9 +207,9 @@ def test_delay_beyond_the_timeout_is_a_timeout(shm_imgs, open_quorum):
     assert q.status()["replicas"][2]["timeouts"] == 1
 
 
-def test_delay_within_the_timeout_is_only_slow(shm_imgs, open_quorum):
-    good = image(shm_imgs[0])
-    q = open_quorum(shm_imgs, 2, timeout=5.0)
+def test_delay_within_the_timeout_is_only_slow(media_imgs, open_quorum):
+    good = image(media_imgs[0])
+    q = open_quorum(media_imgs, 2, timeout=5.0)
     q.inject(2, "delay", ops=("read",), delay=0.3, count=1)
     t0 = time.monotonic()
     assert q.read(0, BS) == good[:BS]
@@ -287,10 +287,10 @@ def test_close_after_timed_out_reads_does_not_crash(tmp_path):
         (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
 
 
-def test_a_hung_repair_write_is_timed_out(shm_imgs, open_quorum):
+def test_a_hung_repair_write_is_timed_out(media_imgs, open_quorum):
     """The repair of a bad block never completes: the read still returns
     the voted data within the bound and the replica leaves service."""
-    imgs = shm_imgs
+    imgs = media_imgs
     good = image(imgs[0])
     flip(imgs[1], 4 * BS)
     q = open_quorum(imgs, 2, timeout=0.5)
@@ -306,10 +306,10 @@ def test_a_hung_repair_write_is_timed_out(shm_imgs, open_quorum):
 
 
 def test_a_write_behind_a_hung_repair_finishes_within_the_bound(
-        shm_imgs, open_quorum):
+        media_imgs, open_quorum):
     """A user write to a block whose repair hangs waits for the repair, but
     not longer than the replica timeout; then it goes to the others."""
-    imgs = shm_imgs
+    imgs = media_imgs
     flip(imgs[2], 6 * BS)
     q = open_quorum(imgs, 2, timeout=0.5)
     q.inject(2, "hang", ops=("write",))
@@ -335,8 +335,8 @@ def test_a_write_behind_a_hung_repair_finishes_within_the_bound(
 
 
 @pytest.mark.parametrize("op", ["discard", "write_zeroes"])
-def test_a_hung_discard_is_timed_out(shm_imgs, open_quorum, op):
-    imgs = shm_imgs
+def test_a_hung_discard_is_timed_out(media_imgs, open_quorum, op):
+    imgs = media_imgs
     q = open_quorum(imgs, 2, timeout=0.5)
     q.inject(0, "hang", ops=(op,))
     t0 = time.monotonic()
@@ -348,8 +348,8 @@ def test_a_hung_discard_is_timed_out(shm_imgs, open_quorum, op):
     assert after[1][:4 * BS] == bytes(4 * BS) == after[2][:4 * BS]
 
 
-def test_policy_threshold_with_a_hung_replica(shm_imgs, open_quorum):
-    imgs = shm_imgs
+def test_policy_threshold_with_a_hung_replica(media_imgs, open_quorum):
+    imgs = media_imgs
     good = image(imgs[0])
     q = open_quorum(imgs, 2, read_policy="threshold", timeout=0.5)
     q.inject(0, "hang", ops=("read",))
@@ -360,11 +360,11 @@ def test_policy_threshold_with_a_hung_replica(shm_imgs, open_quorum):
     assert states(q)[0] == "failed"
 
 
-def test_reads_after_a_timed_out_read_return_their_own_data(shm_imgs,
+def test_reads_after_a_timed_out_read_return_their_own_data(media_imgs,
                                                              open_quorum):
     """A timed-out read may still land later in the buffer it was given;
     later requests on the same slot must not see those bytes."""
-    imgs = shm_imgs
+    imgs = media_imgs
     good = image(imgs[0])
     q = open_quorum(imgs, 2, timeout=0.3)
     # replica 0's read starts 1 s late: after the timeout has abandoned it
@@ -401,11 +401,11 @@ def test_many_bad_runs_in_one_request(tmp_path, open_quorum):
 
 
 @pytest.mark.parametrize("op", ["read", "write", "flush", "discard"])
-def test_replica_ios_go_out_in_parallel(shm_imgs, open_quorum, op):
+def test_replica_ios_go_out_in_parallel(media_imgs, open_quorum, op):
     """Each replica's I/O starts 0.3 s late: one request costs about 0.3 s,
     not 0.9 s as it would one replica after another (QEMU flushes one by
     one)."""
-    imgs = shm_imgs
+    imgs = media_imgs
     q = open_quorum(imgs, 2, timeout=10.0)
     for r in range(3):
         q.inject(r, "delay", ops=(op,), delay=0.3, count=1)

@@ -172,9 +172,9 @@ def test_fua_write(imgs, open_quorum):
 @pytest.mark.parametrize("where", ["disk", "shm"])
 @pytest.mark.parametrize("span", [(0, BS), (3 * BS, 16 * BS), (512, 1024),
                                   (0, IMAGE_SIZE)])
-def test_discard_and_write_zeroes_read_back_zeros(imgs, shm_imgs, open_quorum,
+def test_discard_and_write_zeroes_read_back_zeros(imgs, tmpfs_imgs, open_quorum,
                                                   op, where, span):
-    paths = imgs if where == "disk" else shm_imgs
+    paths = imgs if where == "disk" else tmpfs_imgs
     good = image(paths[0])
     off, length = span
     q = open_quorum(paths, 2)

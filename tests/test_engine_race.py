@@ -38,11 +38,11 @@ class Runner(threading.Thread):
         return self.result
 
 
-def test_user_write_during_a_slow_repair_wins(shm_imgs, open_quorum):
+def test_user_write_during_a_slow_repair_wins(media_imgs, open_quorum):
     """Read starts, finds replica 2 bad, its repair write is slow; a user
     write of new data to the same block arrives from another thread while
     the repair is in flight. Afterwards every replica holds the new data."""
-    imgs = shm_imgs
+    imgs = media_imgs
     old = image(imgs[0])[5 * BS:6 * BS]
     flip(imgs[2], 5 * BS + 17)
     new = pattern(42, BS)
@@ -67,13 +67,13 @@ def test_user_write_during_a_slow_repair_wins(shm_imgs, open_quorum):
     assert [s["state"] for s in q.status()["replicas"]] == ["in-service"] * 3
 
 
-def test_read_during_an_inflight_write_makes_no_stale_repair(shm_imgs,
+def test_read_during_an_inflight_write_makes_no_stale_repair(media_imgs,
                                                            open_quorum):
     """A user write is in flight: replicas 0 and 1 are slow to take it,
     replica 2 already has it. A read now sees old, old, new and votes old;
     replica 2 'loses', but repairing it would put the old data back over the
     newer write. Afterwards every replica must hold the new data."""
-    imgs = shm_imgs
+    imgs = media_imgs
     old = image(imgs[0])[9 * BS:10 * BS]
     new = pattern(43, BS)
     q = open_quorum(imgs, 2)
@@ -96,11 +96,11 @@ def test_read_during_an_inflight_write_makes_no_stale_repair(shm_imgs,
     assert q.read(9 * BS, BS) == new
 
 
-def test_read_started_before_a_write_in_the_same_range(shm_imgs, open_quorum):
+def test_read_started_before_a_write_in_the_same_range(media_imgs, open_quorum):
     """The read's own replica reads are slow (delay on reads of replica 0),
     a write from another thread completes meanwhile; whatever the read
     returns, no replica may end up with anything but the new data."""
-    imgs = shm_imgs
+    imgs = media_imgs
     old = image(imgs[0])[:4 * BS]
     flip(imgs[1], 2 * BS)           # replica 1 is a loser for the read
     new = pattern(44, 4 * BS)
@@ -120,11 +120,11 @@ def test_read_started_before_a_write_in_the_same_range(shm_imgs, open_quorum):
         assert img[:4 * BS] == new, f"replica {r} holds stale data"
 
 
-def test_many_writes_racing_many_readers(shm_imgs, open_quorum):
+def test_many_writes_racing_many_readers(media_imgs, open_quorum):
     """Writes to one block whose first two replicas are slow to take them,
     while three reader threads read it: every read returns a version that
     was written, and once the writer is done all replicas hold the last."""
-    imgs = shm_imgs
+    imgs = media_imgs
     X = 12 * BS
     versions = [image(imgs[0])[X:X + BS]] + \
         [pattern(1000 + i, BS) for i in range(15)]

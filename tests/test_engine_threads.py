@@ -11,8 +11,8 @@ RO_FIRST = 192          # blocks 192..255 are only read (and corrupted)
 REGION = 32             # each writer thread owns 32 blocks below that
 
 
-def test_threads_write_read_and_repair(shm_imgs, open_quorum):
-    imgs = shm_imgs
+def test_threads_write_read_and_repair(media_imgs, open_quorum):
+    imgs = media_imgs
     good = image(imgs[0])
     q = open_quorum(imgs, 2, events_per_sec=0)
     stop = threading.Event()
@@ -85,10 +85,10 @@ def test_threads_write_read_and_repair(shm_imgs, open_quorum):
     assert st["counters"]["quorum_failures"] == 0
 
 
-def test_threads_see_one_replica_fail_together(shm_imgs, open_quorum):
+def test_threads_see_one_replica_fail_together(media_imgs, open_quorum):
     """A replica fails under load from several threads: each thread's I/O
     goes on with the others, none touches the failed one afterwards."""
-    imgs = shm_imgs
+    imgs = media_imgs
     good = image(imgs[0])
     q = open_quorum(imgs, 2)
     stop = threading.Event()
@@ -123,13 +123,13 @@ def test_threads_see_one_replica_fail_together(shm_imgs, open_quorum):
     assert pread(imgs[1], 0, BS) == good[:BS]
 
 
-def test_finished_threads_give_back_their_engine_context(shm_imgs,
+def test_finished_threads_give_back_their_engine_context(media_imgs,
                                                          open_quorum):
     """Every thread gets its own context (an io_uring and its buffers);
     when the thread ends, that must be released, or a program that uses
     short-lived threads runs out of file descriptors."""
     import os
-    q = open_quorum(shm_imgs, 2)
+    q = open_quorum(media_imgs, 2)
     q.read(0, BS)
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(300):
@@ -142,7 +142,7 @@ def test_finished_threads_give_back_their_engine_context(shm_imgs,
 
 
 def test_concurrent_write_and_read_load_leaves_identical_replicas(
-        shm_imgs, open_quorum):
+        media_imgs, open_quorum):
     """Two threads keep writing their own 16 blocks (one write at a time
     each, so no two writes overlap) while the C load generator reads the
     same 32 blocks at depth 16 in a third: reads meet writes in flight all
@@ -151,7 +151,7 @@ def test_concurrent_write_and_read_load_leaves_identical_replicas(
     any read afterwards to fix them. Replicas 0 and 1 are slow to take
     writes: a read in that window sees old, old, new and votes old, and a
     repair of replica 2 would put the old data back over the new."""
-    imgs = shm_imgs
+    imgs = media_imgs
     q = open_quorum(imgs, 2, events_per_sec=0)
     q.inject(0, "delay", ops=("write",), delay=0.002)
     q.inject(1, "delay", ops=("write",), delay=0.002)
