@@ -107,6 +107,16 @@ def make_images(directory, size, n, paths=None):
                 if not b:
                     break
                 dst.write(b)
+    # written through the page cache: flush it now, or the first O_DIRECT
+    # reader of each image pays for the writeback (seen: a 5x slower first
+    # run on RAM disks)
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return paths
 
 
