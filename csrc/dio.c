@@ -14,6 +14,10 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 
 #include "qb.h"
 
@@ -45,4 +49,63 @@ bool qb_is_memory_fs(int fd)
 	return fstatfs(fd, &fs) == 0 &&
 	       ((unsigned long)fs.f_type == TMPFS_MAGIC ||
 		(unsigned long)fs.f_type == RAMFS_MAGIC);
+}
+
+static long sysfs_number(const char *dir, const char *name)
+{
+	char path[256], text[32];
+	long v = -1;
+	int fd;
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "%s/%s", dir, name);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	n = read(fd, text, sizeof(text) - 1);
+	close(fd);
+	if (n > 0) {
+		text[n] = 0;
+		v = strtol(text, NULL, 10);
+	}
+	return v;
+}
+
+/*
+ * The largest direct I/O that the replica's block device takes without
+ * splitting it: a split request cannot be issued without blocking, so
+ * io_uring would hand it to a worker, and its workers write to one file one
+ * request at a time. Counted as if every page were its own segment (the
+ * buffer may start inside a page: one segment spare). 0: no limit known
+ * (no block device behind it, or buffered I/O).
+ */
+uint32_t qb_dio_chunk(int fd, bool blockdev, bool buffered)
+{
+	char dir[128];
+	struct stat st;
+	long segs, kb;
+	uint64_t chunk;
+	dev_t dev;
+
+	if (buffered || fstat(fd, &st) < 0)
+		return 0;
+	dev = blockdev ? st.st_rdev : st.st_dev;
+	if (!major(dev))
+		return 0;
+	snprintf(dir, sizeof(dir), "/sys/dev/block/%u:%u/queue", major(dev),
+		 minor(dev));
+	segs = sysfs_number(dir, "max_segments");
+	if (segs < 0) {		/* a partition: its disk's queue */
+		snprintf(dir, sizeof(dir), "/sys/dev/block/%u:%u/../queue",
+			 major(dev), minor(dev));
+		segs = sysfs_number(dir, "max_segments");
+	}
+	kb = sysfs_number(dir, "max_sectors_kb");
+	if (segs < 2 || kb < 64)
+		return 0;
+	chunk = (uint64_t)(segs - 1) * 4096;
+	if (chunk > (uint64_t)kb * 1024)
+		chunk = (uint64_t)kb * 1024;
+	chunk &= ~4095ULL;
+	return chunk > UINT32_MAX ? 0 : (uint32_t)chunk;
 }

@@ -61,6 +61,7 @@ struct qb_slot {
 	uint32_t dropped;	/* replicas abandoned: CQEs to ignore */
 	uint32_t tried;		/* replicas asked in this request */
 	uint32_t ok;		/* replicas that succeeded */
+	uint32_t bad;		/* replicas with a failed I/O in this request */
 	uint64_t phase_start;
 	uint64_t zoff[QB_MAX_REPLICAS];	/* write-zeroes by writing, progress */
 	struct __kernel_timespec delay[QB_MAX_REPLICAS];
@@ -295,6 +296,10 @@ static void arm_tick(struct qb_ctx *c)
 
 static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		      uint32_t kind, int res, uint32_t want, uint64_t off);
+static bool chunked(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		    uint32_t kind);
+static void issue_chunks(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+			 uint32_t op, char *buf);
 
 static void count_replica_io(struct qb_ctx *c, uint32_t r, uint32_t op,
 			     uint32_t len)
@@ -396,6 +401,10 @@ static void issue(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 			  len, off);
 		return;
 	}
+	if (!f.kind && chunked(c, s, r, kind)) {
+		issue_chunks(c, s, r, op, buf);
+		return;
+	}
 	sqe = qb_ctx_sqe(c);
 	switch (op) {
 	case QB_OP_READ:
@@ -487,6 +496,8 @@ static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		if (res == -ECANCELED)
 			res = -ETIMEDOUT;
 		fail_replica(c, r, res, off, want);
+		s->bad |= 1u << r;
+		s->ok &= ~(1u << r);
 		return;
 	}
 	switch (kind) {
@@ -503,7 +514,45 @@ static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		qb_event(c->q, QB_EV_REPAIRED, (int)r, off, want, 0);
 		return;
 	}
-	s->ok |= 1u << r;
+	if (!(s->bad & (1u << r)))
+		s->ok |= 1u << r;
+}
+
+/* A request's read or write as chunks its replica takes whole: chunk i
+ * covers [i * chunk, (i + 1) * chunk) of it. */
+static bool chunked(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		    uint32_t kind)
+{
+	uint32_t chunk = c->q->rep[r].chunk;
+
+	return kind == K_IO && chunk && s->len > chunk &&
+	       (s->op == QB_OP_READ || s->op == QB_OP_WRITE);
+}
+
+static void issue_chunks(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+			 uint32_t op, char *buf)
+{
+	uint32_t chunk = c->q->rep[r].chunk;
+
+	for (uint32_t i = 0, pos = 0; pos < s->len; i++, pos += chunk) {
+		struct io_uring_sqe *sqe = qb_ctx_sqe(c);
+		uint32_t len = s->len - pos < chunk ? s->len - pos : chunk;
+
+		if (op == QB_OP_READ) {
+			io_uring_prep_read(sqe, (int)r, buf + pos, len,
+					   s->off + pos);
+		} else {
+			io_uring_prep_write(sqe, (int)r, buf + pos, len,
+					    s->off + pos);
+			if (s->flags & QB_REQ_FUA)
+				sqe->rw_flags = RWF_DSYNC;
+		}
+		sqe->flags |= IOSQE_FIXED_FILE;
+		sqe->user_data = ud_make(slot_no(c, s), s->gen, K_IO, r, i);
+		s->nout[r]++;
+		s->pending++;
+	}
+	arm_tick(c);
 }
 
 static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
@@ -527,6 +576,11 @@ static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 		off = s->zoff[r];
 	} else if (s->op == QB_OP_FLUSH) {
 		want = 0;
+	} else if (chunked(c, s, r, kind)) {
+		uint32_t chunk = c->q->rep[r].chunk, pos = ud_idx(ud) * chunk;
+
+		want = s->len - pos < chunk ? s->len - pos : chunk;
+		off = s->off + pos;
 	}
 	io_result(c, s, r, kind, res, want, off);
 	if (--s->pending == 0)
@@ -666,7 +720,7 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 	struct qb_quorum *q = c->q;
 	uint32_t live = qb_in_service(q);
 
-	s->ok = s->tried = s->dropped = 0;
+	s->ok = s->tried = s->dropped = s->bad = 0;
 	memset(s->nout, 0, sizeof(s->nout[0]) * q->n);
 	if (qb_popcount(live) < q->opt.threshold) {
 		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);

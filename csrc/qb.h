@@ -39,6 +39,7 @@ struct qb_replica {
 	int is_blockdev;
 	int memory_fs;			/* tmpfs/ramfs: I/O done in-thread */
 	uint32_t align;			/* direct-I/O offset and length unit */
+	uint32_t chunk;			/* largest I/O not split below; 0: any */
 	int zero_mode;			/* how write-zeroes works here, atomic */
 	struct qb_fault fault;		/* under fault_lock */
 };
@@ -102,6 +103,7 @@ void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
 /* dio.c */
 uint32_t qb_dio_align(int fd, bool blockdev, bool buffered);
 bool qb_is_memory_fs(int fd);
+uint32_t qb_dio_chunk(int fd, bool blockdev, bool buffered);
 
 /* vote.c: vote over [0, len) of the voters' buffers; see qb_vote. */
 bool qb_all_equal(void *const *bufs, uint32_t mask, uint64_t len);

@@ -116,6 +116,7 @@ static int open_replica(struct qb_replica *r, const char *path, bool buffered,
 	}
 	r->align = qb_dio_align(r->fd, r->is_blockdev, buffered);
 	r->memory_fs = qb_is_memory_fs(r->fd);
+	r->chunk = qb_dio_chunk(r->fd, r->is_blockdev, buffered);
 	if (*size < 4096 || *size % 512)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "%s: size %llu bytes: a replica must be a multiple of 512 bytes and at least 4096",
