@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import stat
 import subprocess
 import sys
 import time
@@ -85,6 +86,13 @@ def ram_disks(size, n):
     raise RuntimeError("brd did not create /dev/ram*")
 
 
+def is_blockdev(path):
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def make_images(directory, size, n, paths=None):
     """Fill n images (files in directory, or the given block devices) with
     the same random bytes: never holes, which read without any I/O."""
@@ -93,15 +101,15 @@ def make_images(directory, size, n, paths=None):
         paths = [os.path.join(directory, f"img{i}.img") for i in range(n)]
     chunk = os.urandom(4 * MIB)
     data = bytearray(chunk)
-    with open(paths[0], "r+b" if paths[0].startswith("/dev/") else "wb") as f:
+    with open(paths[0], "r+b" if is_blockdev(paths[0]) else "wb") as f:
         for off in range(0, size, len(chunk)):
             data[:8] = off.to_bytes(8, "little")
             f.write(data)
-        if not paths[0].startswith("/dev/"):
+        if not is_blockdev(paths[0]):
             f.truncate(size)
     for p in paths[1:]:
         with open(paths[0], "rb") as src, \
-                open(p, "r+b" if p.startswith("/dev/") else "wb") as dst:
+                open(p, "r+b" if is_blockdev(p) else "wb") as dst:
             while True:
                 b = src.read(8 * MIB)
                 if not b:
@@ -191,7 +199,7 @@ class Loop:
         self.path, self.direct = path, direct
 
     def __enter__(self):
-        if self.path.startswith("/dev/"):	# a RAM disk: itself
+        if is_blockdev(self.path):	# a RAM disk: itself
             self.dev = None
             return self.path
         self.dev, self.direct = losetup(self.path, self.direct)
@@ -211,7 +219,7 @@ class Raid1:
         try:
             members = []
             for p in self.paths:
-                if p.startswith("/dev/"):	# RAM disks: directly
+                if is_blockdev(p):	# RAM disks: directly
                     members.append(p)
                     continue
                 dev, self.direct = losetup(p, self.direct)
