@@ -209,7 +209,9 @@ class Device:
     def wait(self, timeout=None):
         """Sleep until a queue loop ends (the device was stopped or deleted
         from outside, or a queue failed) or timeout seconds pass. True when
-        it ended; then call stop() to release everything."""
+        it ended; then call stop() to release everything. The wait happens
+        in C without the GIL; a thread that must run Python signal handlers
+        (the daemon's main thread) should wait with a timeout in a loop."""
         if self._d is None:
             return True
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
