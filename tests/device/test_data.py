@@ -4,6 +4,7 @@ using the device as a raw disk. Replicas are sparse images in /dev/shm."""
 import hashlib
 import mmap
 import os
+import tempfile
 import random
 import re
 import subprocess
@@ -132,7 +133,8 @@ def fio(dev, *args, timeout=900, check=True):
     cmd = ["fio", "--name=qb", f"--filename={dev}", "--direct=1",
            "--ioengine=io_uring", "--group_reporting",
            "--allow_file_create=0", *args]
-    return run(cmd, check=check, timeout=timeout)
+    # fio leaves a verify state file in its working directory: not the checkout
+    return run(cmd, check=check, timeout=timeout, cwd=tempfile.gettempdir())
 
 
 # ---- file systems ----
