@@ -130,6 +130,7 @@ class Quorum:
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._busy = 0          # calls inside the engine right now
+        self._devices = set()   # devices serving this quorum (device.py)
 
     # -- contexts --
     def _ctx(self):
@@ -151,7 +152,10 @@ class Quorum:
 
     def close(self):
         """Release the engine contexts and close the replicas. Calls in
-        other threads finish first; later ones raise EBADF."""
+        other threads finish first; later ones raise EBADF. A device still
+        serving this quorum is stopped first (its queues use the quorum)."""
+        for dev in list(getattr(self, "_devices", ())):
+            dev.stop()
         with self._lock:
             q, self._q = self._q, None
             if q is None:

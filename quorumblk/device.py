@@ -12,7 +12,7 @@ the replica I/O. Python only starts, watches and stops the device.
     print(dev.path)
     ...
     dev.stop()                       # STOP_DEV, join the queues, DEL_DEV
-    q.close()                        # only after the device is stopped
+    q.close()                        # (close() also stops a device still serving)
 
 Needs root and the ublk_drv module (Linux 6.4 or later for the encoded
 commands used here; `modprobe ublk_drv`). A failed start leaves no device
@@ -200,7 +200,9 @@ class Device:
         p.flags = lib.QB_DEV_USER_RECOVERY if user_recovery else 0
         out = ffi.new("struct qb_dev **")
         _check(lib.qb_dev_start(quorum._q, p, out))
-        return cls(quorum, out[0])
+        dev = cls(quorum, out[0])
+        quorum._devices.add(dev)    # Quorum.close() stops it first
+        return dev
 
     def info(self):
         """dev_info() of this device (asks the kernel)."""
@@ -223,6 +225,7 @@ class Device:
         if self._d is None:
             return
         d, self._d = self._d, None
+        self.quorum._devices.discard(self)
         _check(lib.qb_dev_stop(d))
 
     @property

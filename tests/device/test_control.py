@@ -144,3 +144,17 @@ def test_stop_during_fio_does_not_hang(images, serve):
             p.kill()
     assert p.returncode != 0 or "err=" in out
     assert wait_gone(s.path) and wait_gone(f"/dev/ublkc{s.id}")
+
+
+def test_closing_the_quorum_stops_its_device(images):
+    """The queues use the quorum: closing it while a device serves stops
+    the device first instead of freeing what its threads use."""
+    from quorumblk import Quorum
+    from quorumblk.device import DEFAULT_MAX_IO, Device
+
+    q = Quorum(images(3, 32 << 20), 2, max_io=DEFAULT_MAX_IO)
+    dev = Device.start(q, queues=1, depth=16)
+    assert os.path.exists(dev.path)
+    q.close()
+    assert not dev.running
+    assert wait_gone(dev.path) and wait_gone(dev.char_path)
