@@ -137,11 +137,6 @@ struct io_uring_sqe *qb_ctx_sqe(struct qb_ctx *c)
 	return sqe;
 }
 
-struct io_uring *qb_ctx_ring(struct qb_ctx *c)
-{
-	return &c->ring;
-}
-
 uint32_t qb_ctx_inflight(const struct qb_ctx *c)
 {
 	return c->inflight;

@@ -28,7 +28,6 @@ void qb_ctx_set_foreign(struct qb_ctx *c, qb_foreign_fn fn, void *arg);
 /* A free SQE on the context's ring; submits queued ones to make room, so it
  * returns NULL only if the ring is broken. */
 struct io_uring_sqe *qb_ctx_sqe(struct qb_ctx *c);
-struct io_uring *qb_ctx_ring(struct qb_ctx *c);
 
 /* Start a request on a free slot. src is a write's data (valid until the
  * completion); reads ignore it. Completion comes through the done callback

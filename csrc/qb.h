@@ -68,7 +68,6 @@ struct qb_quorum {
 	struct qb_counters retired_dev, retired_rep[QB_MAX_REPLICAS];
 	struct qb_event events[QB_EVENT_RING];
 	uint32_t ev_head, ev_count;
-	uint64_t ev_dropped;
 	struct qb_ratelimit rl[QB_MAX_REPLICAS + 1][QB_EV_NR];
 	int event_fd;
 

@@ -272,11 +272,6 @@ int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica)
 	return __atomic_load_n(&q->rep[replica].state, __ATOMIC_ACQUIRE);
 }
 
-uint32_t qb_quorum_in_service(const struct qb_quorum *q)
-{
-	return qb_in_service(q);
-}
-
 int qb_quorum_event_fd(const struct qb_quorum *q)
 {
 	return q->event_fd;
@@ -315,7 +310,6 @@ void qb_event(struct qb_quorum *q, uint32_t type, int replica,
 	if (q->ev_count == QB_EVENT_RING) {	/* drop the oldest */
 		q->ev_head = (q->ev_head + 1) % QB_EVENT_RING;
 		q->ev_count--;
-		q->ev_dropped++;
 	}
 	ev = &q->events[(q->ev_head + q->ev_count++) % QB_EVENT_RING];
 	*ev = (struct qb_event){

@@ -143,7 +143,6 @@ uint32_t qb_quorum_replicas(const struct qb_quorum *q);
 uint32_t qb_quorum_align(const struct qb_quorum *q);
 void qb_quorum_get_options(const struct qb_quorum *q, struct qb_options *o);
 int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica);
-uint32_t qb_quorum_in_service(const struct qb_quorum *q);
 /* Device totals and, when per_replica is not NULL, one entry per replica. */
 void qb_quorum_counters(struct qb_quorum *q, struct qb_counters *dev,
 			struct qb_counters *per_replica);

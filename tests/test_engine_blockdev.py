@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import BS, IMAGE_SIZE, make_images, of_type, pattern
+from conftest import BS, IMAGE_SIZE, make_images, of_type, pattern, pread
 from quorumblk import InvalidArgumentError, Quorum
 
 
@@ -55,11 +55,7 @@ def loops_4k(tmp_path):
 
 
 def dev_read(dev, off=0, length=IMAGE_SIZE):
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, off)
-    finally:
-        os.close(fd)
+    return pread(dev, off, length)
 
 
 def dev_write(dev, off, data):
