@@ -225,7 +225,8 @@ def _fio(path, runtime=120):
         ["fio", "--name=load", f"--filename={path}", "--rw=randrw", "--bs=4k",
          "--ioengine=libaio", "--iodepth=16", "--direct=1", "--time_based",
          f"--runtime={runtime}", "--size=16M", "--output-format=terse"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd="/tmp")     # fio cut off saves its verify state in its cwd
 
 
 def _wait_for_io(dev_id, minimum=200, timeout=60):

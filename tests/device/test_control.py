@@ -124,7 +124,8 @@ def test_stop_during_fio_does_not_hang(images, serve):
          "--ioengine=io_uring", "--rw=randrw", "--bs=4k", "--iodepth=32",
          "--time_based", "--runtime=300", "--size=64m",
          "--allow_file_create=0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd="/tmp")     # fio cut off saves its verify state in its cwd
     try:
         # stop only once fio's I/O reaches the device (TCG starts slowly)
         end = time.monotonic() + 120
