@@ -165,18 +165,25 @@ def test_concurrent_write_and_read_load_leaves_identical_replicas(
     stop = threading.Event()
     out = {}
 
+    done = [0, 0]
+
     def writer(i):
         rng = random.Random(i)
-        n = 0
         while not stop.is_set():
             b = i * 16 + rng.randrange(16)
             q.write(b * BS, rng.randbytes(BS))
-            n += 1
-        out[i] = n
+            done[i] += 1
 
     def reader():
-        out["read"] = q.bench(op="read", bs=BS, depth=16, count=20000,
-                              step=5 * BS, span=32 * BS)
+        # reads go on until both writers have written a fair amount: on
+        # tmpfs a fixed count of reads can be over before they start
+        out["reads"] = 0
+        deadline = time.monotonic() + 60
+        while min(done) < 50 and time.monotonic() < deadline:
+            res = q.bench(op="read", bs=BS, depth=16, count=2000,
+                          step=5 * BS, span=32 * BS)
+            assert res["errors"] == 0
+            out["reads"] += res["ops"]
 
     ws = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
     r = threading.Thread(target=reader)
@@ -186,8 +193,8 @@ def test_concurrent_write_and_read_load_leaves_identical_replicas(
     stop.set()
     for t in ws:
         t.join(30)
-    assert out["read"]["ops"] == 20000
-    assert out[0] > 10 and out[1] > 10
+    assert min(done) >= 50, f"writers did only {done} writes in 60 s"
+    assert out["reads"] >= 2000
     after = images(imgs)
     for b in range(32):
         copies = {a[b * BS:(b + 1) * BS] for a in after}
