@@ -726,9 +726,11 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 		return;
 	}
 	if (s->op == QB_OP_FLUSH) {
+		uint32_t wr = qb_writable(q);
+
 		begin_phase(s, PH_FLUSH);
 		for (uint32_t r = 0; r < q->n; r++)
-			if (live & (1u << r))
+			if (wr & (1u << r))
 				issue(c, s, r, K_IO, 0, QB_OP_FLUSH, NULL, 0, 0);
 		end_issue(c, s);
 		return;
@@ -739,6 +741,9 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 		c->deferred = s;
 		return;
 	}
+	if (q->wil)	/* the regions are marked dirty on stable storage */
+		qb_wil_begin(q, s->off, s->len);
+	live = qb_writable(q);	/* resyncing replicas get writes too */
 	begin_phase(s, PH_MODIFY);
 	for (uint32_t r = 0; r < q->n; r++) {
 		if (!(live & (1u << r)))
@@ -1006,9 +1011,12 @@ static void phase_done(struct qb_ctx *c, struct qb_slot *s)
 		return;
 	case PH_MODIFY:
 		writers_done(c, s);
+		if (q->wil)
+			qb_wil_end(q, s->off, s->len);
 		/* fall through */
 	case PH_FLUSH:
-		if (qb_popcount(s->ok) >= q->opt.threshold)
+		/* only voters count: a resyncing replica's copy is no vote */
+		if (qb_popcount(s->ok & qb_in_service(q)) >= q->opt.threshold)
 			finish(c, s, s->op == QB_OP_WRITE ? (int)s->len : 0, 0,
 			       NULL);
 		else

@@ -44,6 +44,25 @@ struct qb_replica {
 	struct qb_fault fault;		/* under fault_lock */
 };
 
+/* The write-intent bitmap and the headers it goes with (meta.c). */
+struct qb_wil {
+	uint32_t shift, nregions;
+	uint64_t off;			/* the bitmap's replica offset */
+	uint64_t bytes;			/* its size, whole pages */
+	uint64_t t0;
+	uint32_t *inflight;		/* writes in flight per region, atomic */
+	uint32_t *last_ms;		/* when its last write ended */
+	uint8_t *durable;		/* its bit is on stable storage, atomic */
+	bool pinned;			/* bits from before open not resynced yet */
+
+	pthread_mutex_t lock;		/* the rest, and metadata writes */
+	uint8_t *image;			/* the bitmap as written, page aligned */
+	uint64_t events, seq;
+	uint32_t nmembers;
+	struct qb_meta_member members[QB_MAX_REPLICAS];
+	struct qb_meta hdr[QB_MAX_REPLICAS];	/* each replica's own */
+};
+
 /* Event rate limit per replica (plus one for the device) and type. */
 struct qb_ratelimit {
 	uint64_t window_ns;	/* start of the current one-second window */
@@ -58,6 +77,8 @@ struct qb_quorum {
 	uint32_t align;			/* the largest of the replicas' */
 	struct qb_replica rep[QB_MAX_REPLICAS];
 	uint32_t in_service;		/* mask, atomic */
+	uint32_t writable;		/* in service or resyncing, atomic */
+	struct qb_wil *wil;		/* NULL: no metadata */
 
 	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
 	void *zeros;			/* max_io zero bytes, for write-zeroes */
@@ -99,6 +120,12 @@ void qb_counters_add(struct qb_counters *to, const struct qb_counters *from);
 void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
 			 struct qb_counters *rep, uint32_t n);
 
+/* meta.c */
+void qb_wil_begin(struct qb_quorum *q, uint64_t off, uint64_t len);
+void qb_wil_end(struct qb_quorum *q, uint64_t off, uint64_t len);
+void qb_wil_free(struct qb_wil *w);
+void qb_meta_replica_failed(struct qb_quorum *q, uint32_t r);
+
 /* dio.c */
 uint32_t qb_dio_align(int fd, bool blockdev, bool buffered);
 bool qb_is_memory_fs(int fd);
@@ -115,6 +142,11 @@ static inline uint32_t qb_popcount(uint32_t m)
 static inline uint32_t qb_in_service(const struct qb_quorum *q)
 {
 	return __atomic_load_n(&q->in_service, __ATOMIC_ACQUIRE);
+}
+
+static inline uint32_t qb_writable(const struct qb_quorum *q)
+{
+	return __atomic_load_n(&q->writable, __ATOMIC_ACQUIRE);
 }
 
 #endif

@@ -214,7 +214,7 @@ int qb_quorum_open(const char *const *paths, uint32_t n,
 			     "cannot allocate the quorum's tables");
 		goto fail;
 	}
-	q->in_service = n == 32 ? ~0u : (1u << n) - 1;
+	q->in_service = q->writable = n == 32 ? ~0u : (1u << n) - 1;
 	*out = q;
 	return 0;
 fail:
@@ -240,6 +240,7 @@ void qb_quorum_close(struct qb_quorum *q)
 	if (q->zeros)
 		munmap(q->zeros, q->opt.max_io);
 	free(q->gens);
+	qb_wil_free(q->wil);
 	pthread_mutex_destroy(&q->lock);
 	pthread_mutex_destroy(&q->fault_lock);
 	free(q);
@@ -345,15 +346,20 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
 bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
 		     uint64_t offset, uint64_t length)
 {
-	int expected = QB_REPLICA_IN_SERVICE;
+	int st = __atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
 
 	qb_event(q, QB_EV_REPLICA_ERROR, (int)r, offset, length, err);
-	if (!__atomic_compare_exchange_n(&q->rep[r].state, &expected,
-					 QB_REPLICA_FAILED, false,
-					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-		return false;
+	do {
+		if (st == QB_REPLICA_FAILED)
+			return false;
+	} while (!__atomic_compare_exchange_n(&q->rep[r].state, &st,
+					      QB_REPLICA_FAILED, false,
+					      __ATOMIC_ACQ_REL,
+					      __ATOMIC_ACQUIRE));
 	__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
+	__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
 	qb_event(q, QB_EV_REPLICA_FAILED, (int)r, offset, length, err);
+	qb_meta_replica_failed(q, r);
 	return true;
 }
 

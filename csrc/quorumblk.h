@@ -50,6 +50,7 @@ enum qb_hash {
 enum qb_replica_state {
 	QB_REPLICA_IN_SERVICE = 0,
 	QB_REPLICA_FAILED = 1,	/* out of service: stale until resynced */
+	QB_REPLICA_RESYNCING = 2,	/* gets writes, no reads, no vote */
 };
 
 enum qb_event_type {
@@ -127,6 +128,70 @@ struct qb_bench_result {
 	uint64_t wall_ns;
 	uint64_t cpu_ns;	/* this thread's user + system time */
 };
+
+/*
+ * On-replica metadata (meta.c): the end of every replica holds the write-intent
+ * bitmap and two copies of a header; the data stays at offset 0.
+ *
+ *   [0, data_size)                  the device's data
+ *   [bitmap_offset, + bitmap bytes) one bit per region: writes may be in
+ *                                   flight there (roundup(data_size, 4096))
+ *   [size - 8192, size)             header copies 0 and 1 (by seq parity)
+ */
+struct qb_meta_member {
+	uint8_t uuid[16];
+	uint32_t state;		/* enum qb_replica_state */
+	uint32_t pad;
+};
+
+struct qb_meta {
+	uint8_t set_uuid[16];	/* the replica set */
+	uint8_t replica_uuid[16];	/* this replica */
+	uint64_t data_size;	/* the device's bytes, from offset 0 */
+	uint64_t replica_size;	/* where the headers end */
+	uint32_t region_shift;	/* bitmap region: 1 << region_shift bytes */
+	uint32_t nregions;
+	uint64_t events;	/* bumped on every change of the members */
+	uint64_t seq;		/* header writes; the higher copy is current */
+	uint32_t threshold;
+	uint32_t nmembers;
+	uint32_t slot;		/* this replica's index in members */
+	uint32_t flags;
+	uint64_t ctime;		/* set created, seconds since the epoch */
+	struct qb_meta_member members[16];	/* QB_MAX_REPLICAS */
+};
+
+/* Bytes a replica needs after data_size for its metadata. */
+uint64_t qb_meta_overhead(uint64_t data_size, uint32_t region_shift);
+uint64_t qb_meta_bitmap_bytes(uint32_t nregions);
+/* Read a replica's metadata: 0, -ENODATA (none there), -EBADMSG (damaged) or
+ * -errno. bitmap (bitmap_bytes long) may be NULL. */
+int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
+		 uint64_t bitmap_bytes);
+/* Write the header (the copy seq picks) and, when not NULL, the bitmap, and
+ * wait until they are on stable storage. */
+int qb_meta_write(const char *path, const struct qb_meta *m,
+		  const uint8_t *bitmap);
+
+/* Attach metadata to an open quorum before any I/O: meta[i] is replica i's
+ * header (members' states give the replicas' states), bitmap the regions to
+ * keep dirty (already on stable storage). The device becomes data_size long
+ * and every write marks its regions dirty first. */
+int qb_quorum_set_meta(struct qb_quorum *q, const struct qb_meta *meta,
+		       const uint8_t *bitmap);
+/* Change a replica's state (resync done: RESYNCING -> IN_SERVICE, or a
+ * replica taken out), recorded in the headers. */
+int qb_quorum_set_state(struct qb_quorum *q, uint32_t replica, uint32_t state);
+/* Clear the bits of regions without writes for idle_ms, when every replica is
+ * in service. Returns regions cleared or -errno. */
+int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms);
+/* The dirty regions the quorum was opened with are resynced: from now on
+ * qb_quorum_clean may clear them. */
+int qb_quorum_resynced(struct qb_quorum *q);
+/* Copy the bitmap as it is on stable storage; returns its byte count. */
+int64_t qb_quorum_bitmap(struct qb_quorum *q, uint8_t *out, uint64_t len);
+/* A replica's current header, as last written. */
+int qb_quorum_meta(struct qb_quorum *q, uint32_t replica, struct qb_meta *m);
 
 const char *qb_last_error(void);
 int qb_last_error_kind(void);	/* enum qb_err_kind */

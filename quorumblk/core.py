@@ -27,7 +27,9 @@ EVENT_TYPES = {lib.QB_EV_BAD_BLOCK: "bad-block",
                lib.QB_EV_QUORUM_FAILURE: "quorum-failure",
                lib.QB_EV_REPAIRED: "repaired"}
 REPLICA_STATES = {lib.QB_REPLICA_IN_SERVICE: "in-service",
-                  lib.QB_REPLICA_FAILED: "failed"}
+                  lib.QB_REPLICA_FAILED: "failed",
+                  lib.QB_REPLICA_RESYNCING: "resyncing"}
+STATE_VALUES = {v: k for k, v in REPLICA_STATES.items()}
 COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes",
             "read_bytes", "write_bytes", "bad_blocks", "repairs",
             "quorum_failures", "errors", "timeouts")
@@ -286,6 +288,46 @@ class Quorum:
         return {"size": self.size, "threshold": self.threshold,
                 "in_service": sum(r["state"] == "in-service" for r in replicas),
                 "replicas": replicas, "counters": device}
+
+    # -- metadata (quorumblk.meta builds it; the engine keeps it up to date) --
+    @_guarded
+    def set_meta(self, metas, bitmap):
+        """Attach each replica's header and the dirty bitmap: from now on
+        the device is the data area only and every write marks its region
+        dirty on stable storage first."""
+        arr = ffi.new("struct qb_meta[]", len(metas))
+        for i, m in enumerate(metas):
+            ffi.memmove(ffi.addressof(arr, i), m, ffi.sizeof("struct qb_meta"))
+        raise_for(lib.qb_quorum_set_meta(self._q, arr, ffi.from_buffer(bitmap)),
+                  lib, ffi)
+        self.size = lib.qb_quorum_size(self._q)
+
+    @_guarded
+    def set_state(self, replica, state):
+        """Move a replica to "in-service", "resyncing" or "failed"; with
+        metadata the headers record it."""
+        raise_for(lib.qb_quorum_set_state(self._q, replica,
+                                          _choice("state", state, STATE_VALUES)),
+                  lib, ffi)
+
+    @_guarded
+    def clean(self, idle=5.0):
+        """Clear the bits of regions idle for `idle` seconds (only while every
+        member is in service). Returns how many were cleared."""
+        return raise_for(lib.qb_quorum_clean(self._q, int(idle * 1000)), lib, ffi)
+
+    @_guarded
+    def resynced(self):
+        lib.qb_quorum_resynced(self._q)
+
+    @_guarded
+    def bitmap(self):
+        """The write-intent bitmap as on stable storage (b"" without
+        metadata)."""
+        n = lib.qb_quorum_bitmap(self._q, ffi.NULL, 0)
+        buf = ffi.new("uint8_t[]", max(n, 1))
+        lib.qb_quorum_bitmap(self._q, buf, n)
+        return bytes(ffi.buffer(buf, n))
 
     @_guarded
     def events(self, max_events=4096):

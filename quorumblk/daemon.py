@@ -20,11 +20,13 @@ import threading
 import time
 import warnings
 
-from . import runtime
+from . import meta, runtime
 from .core import Quorum
 from .runtime import CommandError, DaemonError, NoSuchDeviceError, StartError
 
 EVENT_DRAIN_S = 0.2
+CLEAN_EVERY_S = 1.0         # look for idle dirty regions this often
+CLEAN_IDLE_S = 5.0          # a region idle this long goes clean
 RECENT_EVENTS = 100
 START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
 DEVICE_MAX_IO = 512 * 1024
@@ -43,19 +45,48 @@ def _device_module():
 
 
 def open_quorum(replicas, threshold, engine):
-    """Open the replica set; the engine's refusals come out as QuorumError.
-    A threshold that is not a majority is a warning, returned as text."""
+    """Open the replica set: its metadata first (a new set is created on
+    replicas without any; quorumblk.meta), then the engine, whose refusals
+    come out as QuorumError. Returns (quorum, plan, warnings as text); the
+    plan is not acted on yet (see prepare)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # the engine checks the set (paths, threshold, sizes, duplicates,
+        # direct I/O) before its metadata is read or written
+        check_free([runtime.replica_identity(p) for p in replicas
+                    if os.path.exists(p)])
+        Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
+        plan = meta.assemble([str(p) for p in replicas], threshold)
         q = Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
-    return q, [str(w.message) for w in caught]
+    msgs = [str(w.message) for w in caught]
+    if plan.missing:
+        msgs.append(f"{len(plan.missing)} member(s) of the set not given: the "
+                    "device runs degraded until they are back (quorumblk readd)")
+    return q, plan, msgs
 
 
-def check_add(q, dev_id):
-    """Everything about an add that is not the engine's: replicas already
-    serving another device, the id, the driver. Returns the replicas'
-    identities."""
-    idents = [runtime.replica_identity(p) for p in q.paths]
+def prepare(q, plan, progress=None):
+    """Make the set current before it serves: record the assembly in every
+    replica's header, attach the metadata to the engine, resync what the
+    bitmap says may differ. Returns the resync report."""
+    meta.commit(q.paths, plan)
+    q.set_meta(plan.metas, plan.bitmap)
+    return meta.resync(q, plan, progress)
+
+
+def describe_resync(r):
+    why = {"unclean-stop": "after an unclean stop",
+           "stale-replica": "to bring " + ", ".join(r["stale"] or ["?"]) + " up to date"}
+    text = (f"resynced {r['bytes']} bytes ({r['regions']} regions, "
+            f"{100.0 * r['bytes'] / max(r['size'], 1):.2f}% of {r['size']}) "
+            f"{why.get(r['reason'], '')}")
+    if r["unrecoverable_blocks"]:
+        text += f"; {r['unrecoverable_blocks']} blocks had no copy to vote on"
+    return text
+
+
+def check_free(idents):
+    """Refuse replicas that a running device already uses."""
     clashes = runtime.replicas_in_use(idents)
     if clashes:
         path, other, theirs = clashes[0]
@@ -63,6 +94,14 @@ def check_add(q, dev_id):
         raise runtime.ReplicaInUseError(
             f"replica {path} is already used by quorumblk device {other}{same} "
             f"(/dev/ublkb{other})")
+
+
+def check_add(q, dev_id):
+    """Everything about an add that is not the engine's: replicas already
+    serving another device, the id, the driver. Returns the replicas'
+    identities."""
+    idents = [runtime.replica_identity(p) for p in q.paths]
+    check_free(idents)
     if dev_id is not None and dev_id >= 0:
         why = runtime.id_in_use(dev_id)
         if why:
@@ -91,6 +130,8 @@ class Daemon:
         self.sock = None
         self.events_file = None
         self.started = time.time()
+        self.resync = None          # what prepare() did before the start
+        self.last_clean = 0.0
 
     # -- setup --
     def publish(self):
@@ -149,6 +190,7 @@ class Daemon:
                 if self.sock in ready:
                     self._serve_one()
                 self.drain_events()
+                self.clean_bitmap()
                 if not self.stopping and self._device_gone():
                     self.stop_reason = "the device stopped"
                     self.stopping = True
@@ -157,6 +199,18 @@ class Daemon:
             os.close(wake_r)
             os.close(wake_w)
         return self.shutdown()
+
+    def clean_bitmap(self):
+        """Let regions without writes for a while go clean (lazily: a region
+        that is written again soon would pay for setting its bit again)."""
+        now = time.monotonic()
+        if now - self.last_clean < CLEAN_EVERY_S:
+            return
+        self.last_clean = now
+        try:
+            self.q.clean(CLEAN_IDLE_S)
+        except OSError as e:
+            log(f"clearing the write-intent bitmap: {e}")
 
     def _device_gone(self):
         wait = getattr(self.dev, "wait", None)
@@ -213,6 +267,7 @@ class Daemon:
                    "options": dict(self.engine, **self.devopts),
                    "uptime_s": round(time.time() - self.started, 3),
                    "events_total": self.events_total,
+                   "resync": self.resync,
                    "events": list(self.recent)})
         return st
 
@@ -243,6 +298,11 @@ class Daemon:
             self.drain_events()
         except Exception as e:
             log(f"last events: {e}")
+        try:
+            # a clean stop leaves no dirty region (unless a member is out)
+            self.q.clean(0)
+        except Exception as e:
+            log(f"clearing the write-intent bitmap: {e}")
         if self.sock is not None:
             self.sock.close()
         runtime.remove_files(self.dev.id)
@@ -273,7 +333,7 @@ def _drain_fd(fd):
         pass
 
 
-def _start(q, idents, engine, devopts):
+def _start(q, idents, engine, devopts, report=None):
     """Start the device and publish its runtime files. On any failure the
     device is stopped again: nothing half-made stays behind."""
     device = _device_module()
@@ -288,6 +348,7 @@ def _start(q, idents, engine, devopts):
     except OSError as e:
         raise StartError(f"starting the ublk device failed: {e}")
     d = Daemon(q, dev, idents, engine, devopts)
+    d.resync = report
     try:
         d.publish()
     except BaseException:
@@ -317,7 +378,7 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
     returns the daemon's exit status when it stops) or detach a daemon
     (returns the device's {"id", "path", "pid"} once it is LIVE)."""
     runtime.require_root("quorumblk add")
-    q, warns = open_quorum(replicas, threshold, engine)
+    q, plan, warns = open_quorum(replicas, threshold, engine)
     try:
         for w in warns:
             if warn:
@@ -325,9 +386,12 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
         lock = runtime.AddLock().acquire()
         try:
             idents = check_add(q, devopts.get("dev_id"))
+            report = prepare(q, plan)
+            if warn and report["reason"] != "none":
+                warn(describe_resync(report))
             if foreground:
-                return _run_foreground(q, idents, engine, devopts, lock)
-            return _detach(q, idents, engine, devopts, lock)
+                return _run_foreground(q, idents, engine, devopts, lock, report)
+            return _detach(q, idents, engine, devopts, lock, report)
         finally:
             lock.release()
     finally:
@@ -335,10 +399,10 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
             q.close()
 
 
-def _run_foreground(q, idents, engine, devopts, lock):
+def _run_foreground(q, idents, engine, devopts, lock, report=None):
     signal.signal(signal.SIGTERM, _early_signal)
     signal.signal(signal.SIGINT, _early_signal)
-    d = _start(q, idents, engine, devopts)
+    d = _start(q, idents, engine, devopts, report)
     d.install_signals()
     if _early_stop:
         d.stopping, d.stop_reason = True, "signal before LIVE"
@@ -349,7 +413,7 @@ def _run_foreground(q, idents, engine, devopts, lock):
     return d.run()
 
 
-def _detach(q, idents, engine, devopts, lock):
+def _detach(q, idents, engine, devopts, lock, report=None):
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -362,7 +426,7 @@ def _detach(q, idents, engine, devopts, lock):
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _daemon_main(q, idents, engine, devopts, wfd, lock)
+            _daemon_main(q, idents, engine, devopts, wfd, lock, report)
         finally:
             os._exit(1)
     os.close(wfd)
@@ -402,7 +466,7 @@ def _read_message(fd, timeout):
         return {"ok": False, "error": f"bad message from the daemon: {data[:200]!r}"}
 
 
-def _daemon_main(q, idents, engine, devopts, wfd, lock):
+def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None):
     """The detached daemon: never returns."""
     status = 1
     d = None
@@ -416,7 +480,7 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock):
         signal.signal(signal.SIGINT, _early_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            d = _start(q, idents, engine, devopts)
+            d = _start(q, idents, engine, devopts, report)
         except CommandError as e:
             _send(wfd, {"ok": False, "error": str(e), "exit_code": e.exit_code})
             os._exit(e.exit_code)

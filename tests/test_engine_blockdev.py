@@ -130,3 +130,32 @@ def test_io_below_the_replicas_sector_size_is_refused(loops_4k, open_quorum):
     assert q.read(BS, 2 * BS) == good[BS:3 * BS]
     q.write(BS, b"y" * BS)
     assert all(dev_read(d, BS, BS) == b"y" * BS for d in loops_4k)
+
+
+def test_a_new_set_on_block_devices_takes_only_a_zeroed_tail(loops_4k):
+    """A block device cannot grow: quorumblk's metadata takes its tail,
+    which must hold nothing (never overwritten), and the device is that
+    much smaller. 4 KiB sectors: the bitmap and header writes are aligned."""
+    from quorumblk import meta
+    with pytest.raises(meta.SetError, match="hold data"):
+        meta.assemble(loops_4k, 2)
+    assert meta.read(loops_4k[0]) == (None, None)     # nothing was written
+    good = dev_read(loops_4k[0])
+    tail = 64 << 10
+    for d in loops_4k:
+        with open(d, "r+b") as f:
+            f.seek(IMAGE_SIZE - tail)
+            f.write(bytes(tail))
+    plan = meta.assemble(loops_4k, 2)
+    q = Quorum(loops_4k, 2)
+    q.set_meta(plan.metas, plan.bitmap)
+    assert IMAGE_SIZE - tail <= q.size < IMAGE_SIZE and q.size % 4096 == 0
+    q.write(BS, b"y" * BS)
+    assert len(bits_of(q.bitmap())) == 1
+    assert q.read(0, BS) == good[:BS]
+    q.close()
+    assert all(dev_read(d, BS, BS) == b"y" * BS for d in loops_4k)
+
+
+def bits_of(bitmap):
+    return [i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))]

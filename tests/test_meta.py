@@ -1,0 +1,179 @@
+"""Replica metadata and the write-intent bitmap (quorumblk.meta, csrc/meta.c):
+a new set's layout, identity checks at assembly, freshness, and the bitmap
+that every write marks on stable storage before it is issued."""
+import os
+import shutil
+
+import pytest
+
+from quorumblk import meta
+from quorumblk.core import Quorum
+
+SIZE = 64 << 20
+REGION = 4 << 20
+
+
+@pytest.fixture
+def imgs(tmp_path):
+    paths = []
+    for c in "abc":
+        p = tmp_path / f"{c}.img"
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+        paths.append(str(p))
+    return paths
+
+
+def bits(bitmap):
+    return [i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))]
+
+
+def start(paths, threshold=2, **kw):
+    """What `add` does, without the device: assemble, open, commit, attach."""
+    plan = meta.assemble(paths, threshold)
+    q = Quorum(paths, threshold, events_per_sec=0, **kw)
+    meta.commit(paths, plan)
+    q.set_meta(plan.metas, plan.bitmap)
+    return q, plan
+
+
+def test_new_set_grows_files_and_keeps_the_data_at_offset_zero(imgs):
+    q, plan = start(imgs)
+    assert plan.created and not plan.stale
+    assert q.size == SIZE
+    sizes = {os.path.getsize(p) for p in imgs}
+    assert len(sizes) == 1 and sizes.pop() > SIZE
+    q.write(0, b"A" * 4096)
+    q.write(SIZE - 4096, b"Z" * 4096)
+    with pytest.raises(OSError):
+        q.write(SIZE, b"x" * 4096)      # the metadata is not the device's
+    q.close()
+    for p in imgs:
+        with open(p, "rb") as f:
+            assert f.read(4096) == b"A" * 4096
+            f.seek(SIZE - 4096)
+            assert f.read(4096) == b"Z" * 4096
+    ms = [meta.read(p)[0] for p in imgs]
+    assert len({bytes(m.set_uuid) for m in ms}) == 1
+    assert len({bytes(m.replica_uuid) for m in ms}) == 3
+    assert [m.slot for m in ms] == [0, 1, 2]
+
+
+def test_a_write_marks_its_region_on_every_replica_before_it_lands(imgs):
+    q, _ = start(imgs)
+    q.write(5 * REGION + 8192, b"x" * 4096)
+    q.write(9 * REGION - 4096, b"y" * 8192)     # across two regions
+    for p in imgs:
+        assert bits(meta.read(p)[1]) == [5, 8, 9]
+    assert bits(q.bitmap()) == [5, 8, 9]
+    assert q.clean(idle=60) == 0                 # not idle yet
+    assert q.clean(idle=0) == 3
+    for p in imgs:
+        assert bits(meta.read(p)[1]) == []
+    q.write(5 * REGION, b"z" * 4096)             # dirty again after clean
+    assert bits(meta.read(imgs[2])[1]) == [5]
+    q.close()
+
+
+def test_unclean_stop_leaves_the_dirty_regions_for_the_next_assembly(imgs):
+    q, _ = start(imgs)
+    q.write(3 * REGION, b"x" * 4096)
+    q.close()                                    # no clean: as after a crash
+    plan = meta.assemble(imgs, 2)
+    assert plan.dirty_regions() == [(3 * REGION, REGION)]
+    assert plan.stale == [] and not plan.created
+    q = Quorum(imgs, 2)
+    meta.commit(imgs, plan)
+    q.set_meta(plan.metas, plan.bitmap)
+    assert q.clean(idle=0) == 0                  # pinned until resynced
+    q.resynced()
+    assert q.clean(idle=0) == 1
+    q.close()
+    assert meta.assemble(imgs, 2).dirty_regions() == []
+
+
+def test_a_failed_replica_is_recorded_before_the_write_completes_and_is_stale(imgs):
+    q, _ = start(imgs)
+    q.inject(1, "eio", ops=("write",))
+    q.write(7 * REGION, b"n" * 4096)             # succeeds on 0 and 2
+    assert q.replica_states() == ["in-service", "failed", "in-service"]
+    # the others' headers already say so, before anything else happened
+    m0, m1 = meta.read(imgs[0])[0], meta.read(imgs[1])[0]
+    assert m0.members[1].state == meta.FAILED and m0.events > m1.events
+    q.write(2 * REGION, b"m" * 4096)
+    assert q.clean(idle=0) == 0                  # degraded: bits stay
+    q.close()
+    plan = meta.assemble(imgs, 2)
+    assert plan.stale == [1]
+    assert [o // REGION for o, _ in plan.dirty_regions()] == [2, 7]
+    assert plan.metas[0].members[1].state == meta.RESYNCING
+
+
+def test_stale_replicas_below_threshold_are_refused(imgs):
+    q, _ = start(imgs)
+    q.inject(1, "eio", ops=("write",))
+    q.inject(2, "eio", ops=("write",))
+    with pytest.raises(OSError):
+        q.write(0, b"x" * 4096)
+    q.close()
+    with pytest.raises(meta.SetError, match="only 1 of the replicas are current"):
+        meta.assemble(imgs, 2)
+
+
+def test_a_replica_of_another_set_is_refused(imgs, tmp_path):
+    start(imgs)[0].close()
+    other = [str(tmp_path / f"o{i}.img") for i in range(3)]
+    for p in other:
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+    start(other)[0].close()
+    with pytest.raises(meta.SetError, match="belongs to another replica set"):
+        meta.assemble([imgs[0], imgs[1], other[2]], 2)
+
+
+def test_a_copy_of_a_replica_is_refused(imgs, tmp_path):
+    start(imgs)[0].close()
+    copy = str(tmp_path / "copy.img")
+    shutil.copyfile(imgs[1], copy)
+    with pytest.raises(meta.SetError, match="copies of the same replica"):
+        meta.assemble([imgs[0], imgs[1], copy], 2)
+
+
+def test_a_bare_image_among_members_is_refused(imgs, tmp_path):
+    start(imgs)[0].close()
+    bare = str(tmp_path / "bare.img")
+    with open(bare, "wb") as f:
+        f.truncate(os.path.getsize(imgs[0]))
+    with pytest.raises(meta.SetError, match="no quorumblk metadata"):
+        meta.assemble([imgs[0], imgs[1], bare], 2)
+
+
+def test_a_damaged_header_copy_falls_back_to_the_other(imgs):
+    q, _ = start(imgs)
+    q.inject(2, "eio", ops=("write",))
+    q.write(0, b"x" * 4096)                      # a header update on 0, 1
+    q.close()
+    m = meta.read(imgs[0])[0]
+    size = os.path.getsize(imgs[0])
+    with open(imgs[0], "r+b") as f:              # tear the newer copy
+        f.seek(size - 8192 + (m.seq & 1) * 4096 + 100)
+        f.write(b"\xff" * 16)
+    older = meta.read(imgs[0])[0]
+    assert older.seq == m.seq - 1 and older.events < m.events
+    with open(imgs[0], "r+b") as f:              # and the other one
+        f.seek(size - 8192 + (older.seq & 1) * 4096 + 100)
+        f.write(b"\xff" * 16)
+    with pytest.raises(meta.SetError, match="damaged"):
+        meta.read(imgs[0])
+
+
+def test_a_members_absence_is_recorded_and_keeps_bits(imgs):
+    start(imgs)[0].close()
+    q, plan = start(imgs[:2])
+    assert len(plan.missing) == 1
+    q.write(REGION, b"x" * 4096)
+    assert q.clean(idle=0) == 0                  # degraded: c misses this
+    q.close()
+    plan = meta.assemble(imgs, 2)
+    assert plan.stale == [2]
+    assert [o // REGION for o, _ in plan.dirty_regions()] == [1]
