@@ -96,6 +96,7 @@ struct qb_ctx {
 
 	bool tick_armed;
 	struct __kernel_timespec tick;
+	uint32_t files_gen;	/* q->files_gen of the registered files */
 
 	qb_done_fn done;
 	void *done_arg;
@@ -156,7 +157,7 @@ void qb_ctx_set_foreign(struct qb_ctx *c, qb_foreign_fn fn, void *arg)
 
 void *qb_ctx_buf(struct qb_ctx *c, uint32_t slot, uint32_t replica)
 {
-	if (slot >= c->depth || replica >= c->q->n)
+	if (slot >= c->depth || replica >= qb_replicas(c->q))
 		return NULL;
 	return c->slots[slot].buf[replica];
 }
@@ -710,13 +711,35 @@ static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 	read_from(c, s, mask, PH_READ);
 }
 
+/*
+ * A replica attached since this ring registered its files: register it
+ * here, in the ring's own thread. Called after loading a replica mask: the
+ * attach bumps files_gen before it sets the replica's bit in any mask.
+ */
+static void sync_files(struct qb_ctx *c)
+{
+	struct qb_quorum *q = c->q;
+	uint32_t gen = __atomic_load_n(&q->files_gen, __ATOMIC_ACQUIRE);
+	int fds[QB_MAX_REPLICAS];
+
+	if (gen == c->files_gen)
+		return;
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		fds[r] = r < qb_replicas(q) ? q->rep[r].fd : -1;
+	if (io_uring_register_files_update(&c->ring, 0, fds,
+					   QB_MAX_REPLICAS) >= 0)
+		c->files_gen = gen;
+}
+
 static void start_request(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
 	uint32_t live = qb_in_service(q);
 
+	sync_files(c);
+
 	s->ok = s->tried = s->dropped = s->bad = 0;
-	memset(s->nout, 0, sizeof(s->nout[0]) * q->n);
+	memset(s->nout, 0, sizeof(s->nout));
 	if (qb_popcount(live) < q->opt.threshold) {
 		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
@@ -728,6 +751,7 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 	if (s->op == QB_OP_FLUSH) {
 		uint32_t wr = qb_writable(q);
 
+		sync_files(c);
 		begin_phase(s, PH_FLUSH);
 		for (uint32_t r = 0; r < q->n; r++)
 			if (wr & (1u << r))
@@ -744,6 +768,7 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 	if (q->wil)	/* the regions are marked dirty on stable storage */
 		qb_wil_begin(q, s->off, s->len);
 	live = qb_writable(q);	/* resyncing replicas get writes too */
+	sync_files(c);
 	begin_phase(s, PH_MODIFY);
 	for (uint32_t r = 0; r < q->n; r++) {
 		if (!(live & (1u << r)))
@@ -1198,9 +1223,11 @@ static int ring_init(struct qb_ctx *c, uint32_t flags)
 		return qb_err(-ret, QB_ERR_OTHER, "io_uring setup: %s",
 			      strerror(-ret));
 	c->ring_ok = true;
-	for (uint32_t r = 0; r < q->n; r++)
-		fds[r] = q->rep[r].fd;
-	ret = io_uring_register_files(&c->ring, fds, q->n);
+	/* every index a replica can take: one attached later fills its own */
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		fds[r] = r < q->n ? q->rep[r].fd : -1;
+	c->files_gen = __atomic_load_n(&q->files_gen, __ATOMIC_ACQUIRE);
+	ret = io_uring_register_files(&c->ring, fds, QB_MAX_REPLICAS);
 	if (ret < 0)
 		return qb_err(-ret, QB_ERR_OTHER,
 			      "io_uring: cannot register the replicas: %s",
@@ -1211,7 +1238,8 @@ static int ring_init(struct qb_ctx *c, uint32_t flags)
 static int slots_init(struct qb_ctx *c)
 {
 	struct qb_quorum *q = c->q;
-	size_t per = (size_t)q->opt.max_io * q->n;
+	/* room for every replica index (untouched room costs nothing) */
+	size_t per = (size_t)q->opt.max_io * QB_MAX_REPLICAS;
 	char *mem;
 
 	c->max_blocks = q->opt.max_io / q->opt.vote_block + 1;
@@ -1229,7 +1257,7 @@ static int slots_init(struct qb_ctx *c)
 	for (uint32_t i = 0; i < c->depth; i++) {
 		struct qb_slot *s = &c->slots[i];
 
-		for (uint32_t r = 0; r < q->n; r++)
+		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
 			s->buf[r] = mem + per * i + (size_t)q->opt.max_io * r;
 		s->snap = calloc(c->max_blocks, sizeof(*s->snap));
 		s->win = calloc(c->max_blocks, sizeof(*s->win));
@@ -1299,7 +1327,8 @@ void qb_ctx_destroy(struct qb_ctx *c)
 	 * that a late copy never hits memory reused for something else.
 	 */
 	if (c->bufmem && !c->abandoned)
-		munmap(c->bufmem, (size_t)q->opt.max_io * q->n * c->depth);
+		munmap(c->bufmem, (size_t)q->opt.max_io * QB_MAX_REPLICAS *
+		       c->depth);
 	if (c->slots) {
 		for (uint32_t i = 0; i < c->depth; i++) {
 			free(c->slots[i].snap);

@@ -309,14 +309,13 @@ static bool take_out(struct qb_quorum *q, uint32_t r, int err)
 {
 	int st = __atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
 
-	while (st != QB_REPLICA_FAILED)
-		if (__atomic_compare_exchange_n(&q->rep[r].state, &st,
-						QB_REPLICA_FAILED, false,
-						__ATOMIC_ACQ_REL,
-						__ATOMIC_ACQUIRE))
-			break;
-	if (st == QB_REPLICA_FAILED)
-		return false;
+	do {
+		if (st == QB_REPLICA_FAILED || st == QB_REPLICA_REMOVED)
+			return false;
+	} while (!__atomic_compare_exchange_n(&q->rep[r].state, &st,
+					      QB_REPLICA_FAILED, false,
+					      __ATOMIC_ACQ_REL,
+					      __ATOMIC_ACQUIRE));
 	__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
 	__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
 	return true;
@@ -348,6 +347,7 @@ static void headers_update(struct qb_quorum *q)
 				continue;
 			m->events = w->events;
 			m->seq = w->seq;
+			m->nmembers = w->nmembers;
 			memcpy(m->members, w->members, sizeof(m->members));
 			ret = header_write(q->rep[r].fd, m);
 			if (ret < 0 && take_out(q, r, ret)) {
@@ -438,11 +438,16 @@ void qb_wil_end(struct qb_quorum *q, uint64_t off, uint64_t len)
 static bool all_in_service(struct qb_quorum *q)
 {
 	struct qb_wil *w = q->wil;
+	uint32_t members = 0;
 
-	for (uint32_t s = 0; s < w->nmembers; s++)
+	for (uint32_t s = 0; s < w->nmembers; s++) {
+		if (w->members[s].state == QB_REPLICA_REMOVED)
+			continue;
 		if (w->members[s].state != QB_REPLICA_IN_SERVICE)
 			return false;
-	return qb_popcount(qb_in_service(q)) == w->nmembers;
+		members++;
+	}
+	return qb_popcount(qb_in_service(q)) == members;
 }
 
 int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms)
@@ -589,7 +594,7 @@ void qb_meta_replica_failed(struct qb_quorum *q, uint32_t r)
 int qb_quorum_set_state(struct qb_quorum *q, uint32_t r, uint32_t state)
 {
 	qb_err_clear();
-	if (r >= q->n || state > QB_REPLICA_RESYNCING)
+	if (r >= qb_replicas(q) || state > QB_REPLICA_REMOVED)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "replica %u or state %u out of range", r, state);
 	if (q->wil)
@@ -599,7 +604,7 @@ int qb_quorum_set_state(struct qb_quorum *q, uint32_t r, uint32_t state)
 		__atomic_fetch_or(&q->in_service, 1u << r, __ATOMIC_ACQ_REL);
 	else
 		__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
-	if (state == QB_REPLICA_FAILED)
+	if (state == QB_REPLICA_FAILED || state == QB_REPLICA_REMOVED)
 		__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
 	else
 		__atomic_fetch_or(&q->writable, 1u << r, __ATOMIC_ACQ_REL);
@@ -644,4 +649,95 @@ int qb_quorum_meta(struct qb_quorum *q, uint32_t r, struct qb_meta *m)
 	*m = q->wil->hdr[r];
 	pthread_mutex_unlock(&q->wil->lock);
 	return 0;
+}
+
+int qb_quorum_attach(struct qb_quorum *q, const char *path,
+		     const struct qb_meta *m)
+{
+	struct qb_wil *w = q->wil;
+	struct qb_replica rep = { .fd = -1 };
+	struct stat st, other;
+	uint64_t size;
+	uint32_t r, n;
+	int ret;
+
+	qb_err_clear();
+	if (!w)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "replicas join only a set with metadata");
+	pthread_mutex_lock(&w->lock);
+	n = q->n;
+	for (r = 0; r < n; r++)
+		if (!memcmp(w->hdr[r].replica_uuid, m->replica_uuid, 16))
+			break;
+	if (r < n && (q->rep[r].state == QB_REPLICA_IN_SERVICE ||
+		      q->rep[r].state == QB_REPLICA_RESYNCING)) {
+		ret = qb_err(EBUSY, QB_ERR_INVALID,
+			     "%s: this replica is already %s (as %s)", path,
+			     q->rep[r].state ? "resyncing" : "in service",
+			     q->rep[r].path);
+		goto out;
+	}
+	if (r == n && n == QB_MAX_REPLICAS) {
+		ret = qb_err(ENOSPC, QB_ERR_INVALID,
+			     "%s: this device has had %d replicas, its most",
+			     path, QB_MAX_REPLICAS);
+		goto out;
+	}
+	if (m->slot >= QB_MAX_REPLICAS || m->data_size != q->size ||
+	    memcmp(m->set_uuid, w->hdr[0].set_uuid, 16) ||
+	    (m->slot < w->nmembers &&
+	     w->members[m->slot].state != QB_REPLICA_REMOVED &&
+	     memcmp(w->members[m->slot].uuid, m->replica_uuid, 16))) {
+		ret = qb_err(EINVAL, QB_ERR_INVALID,
+			     "%s: its header does not fit this set (slot %u)",
+			     path, m->slot);
+		goto out;
+	}
+	ret = qb_open_replica(&rep, path, q->opt.buffered, &st, &size);
+	if (!ret && size != m->replica_size)
+		ret = qb_err(EINVAL, QB_ERR_INVALID,
+			     "%s: %llu bytes, its header says %llu", path,
+			     (unsigned long long)size,
+			     (unsigned long long)m->replica_size);
+	if (!ret && rep.align > q->align)
+		ret = qb_err(EINVAL, QB_ERR_INVALID,
+			     "%s: needs %u-byte aligned direct I/O, the device does %u",
+			     path, rep.align, q->align);
+	for (uint32_t i = 0; !ret && i < n; i++) {
+		int s = q->rep[i].state;
+
+		if (i == r || s == QB_REPLICA_REMOVED || fstat(q->rep[i].fd, &other))
+			continue;
+		if (qb_same_object(&st, &other))
+			ret = qb_err(EINVAL, QB_ERR_INVALID,
+				     "%s is the same replica as %s", path,
+				     q->rep[i].path);
+	}
+	if (ret) {
+		if (rep.fd >= 0)
+			close(rep.fd);
+		goto out;
+	}
+	if (r < n) {	/* its old fd may still be in an abandoned I/O */
+		q->graveyard[q->ngraves++] = q->rep[r].fd;
+		free(q->rep[r].path);
+	}
+	rep.path = strdup(path);
+	rep.state = QB_REPLICA_RESYNCING;
+	q->rep[r] = rep;
+	w->hdr[r] = *m;
+	memcpy(w->members[m->slot].uuid, m->replica_uuid, 16);
+	w->members[m->slot].state = QB_REPLICA_RESYNCING;
+	if (m->slot >= w->nmembers)
+		w->nmembers = m->slot + 1;
+	__atomic_add_fetch(&q->files_gen, 1, __ATOMIC_ACQ_REL);
+	if (r == n)
+		__atomic_store_n(&q->n, n + 1, __ATOMIC_RELEASE);
+	__atomic_fetch_or(&q->writable, 1u << r, __ATOMIC_ACQ_REL);
+	headers_update(q);
+	ret = (int)r;
+out:
+	pthread_mutex_unlock(&w->lock);
+	return ret;
 }

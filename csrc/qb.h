@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include "engine.h"
@@ -78,6 +79,9 @@ struct qb_quorum {
 	struct qb_replica rep[QB_MAX_REPLICAS];
 	uint32_t in_service;		/* mask, atomic */
 	uint32_t writable;		/* in service or resyncing, atomic */
+	uint32_t files_gen;		/* bumped when a replica's fd changes */
+	int graveyard[QB_MAX_REPLICAS];	/* replaced fds, closed at the end */
+	uint32_t ngraves;
 	struct qb_wil *wil;		/* NULL: no metadata */
 
 	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
@@ -126,6 +130,11 @@ void qb_wil_end(struct qb_quorum *q, uint64_t off, uint64_t len);
 void qb_wil_free(struct qb_wil *w);
 void qb_meta_replica_failed(struct qb_quorum *q, uint32_t r);
 
+/* quorum.c: open one replica, check its size; errors name the path. */
+int qb_open_replica(struct qb_replica *r, const char *path, bool buffered,
+		    struct stat *st, uint64_t *size);
+bool qb_same_object(const struct stat *a, const struct stat *b);
+
 /* dio.c */
 uint32_t qb_dio_align(int fd, bool blockdev, bool buffered);
 bool qb_is_memory_fs(int fd);
@@ -142,6 +151,11 @@ static inline uint32_t qb_popcount(uint32_t m)
 static inline uint32_t qb_in_service(const struct qb_quorum *q)
 {
 	return __atomic_load_n(&q->in_service, __ATOMIC_ACQUIRE);
+}
+
+static inline uint32_t qb_replicas(const struct qb_quorum *q)
+{
+	return __atomic_load_n(&q->n, __ATOMIC_ACQUIRE);
 }
 
 static inline uint32_t qb_writable(const struct qb_quorum *q)

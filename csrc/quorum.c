@@ -83,8 +83,8 @@ static int check_options(const struct qb_options *o, uint32_t n)
 }
 
 /* Open one replica and find its size; errors name the path. */
-static int open_replica(struct qb_replica *r, const char *path, bool buffered,
-			struct stat *st, uint64_t *size)
+int qb_open_replica(struct qb_replica *r, const char *path, bool buffered,
+		    struct stat *st, uint64_t *size)
 {
 	int flags = O_RDWR | O_CLOEXEC | (buffered ? 0 : O_DIRECT);
 
@@ -124,7 +124,7 @@ static int open_replica(struct qb_replica *r, const char *path, bool buffered,
 	return 0;
 }
 
-static bool same_object(const struct stat *a, const struct stat *b)
+bool qb_same_object(const struct stat *a, const struct stat *b)
 {
 	if (S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode))
 		return a->st_rdev == b->st_rdev;
@@ -141,12 +141,12 @@ static int open_replicas(struct qb_quorum *q, const char *const *paths)
 		q->rep[i].path = strdup(paths[i]);
 		if (!q->rep[i].path)
 			return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
-		ret = open_replica(&q->rep[i], paths[i], q->opt.buffered,
+		ret = qb_open_replica(&q->rep[i], paths[i], q->opt.buffered,
 				   &st[i], &size[i]);
 		if (ret)
 			return ret;
 		for (uint32_t j = 0; j < i; j++)
-			if (same_object(&st[i], &st[j]))
+			if (qb_same_object(&st[i], &st[j]))
 				return qb_err(EINVAL, QB_ERR_INVALID,
 					      "%s and %s are the same replica (one file or device given twice)",
 					      paths[j], paths[i]);
@@ -233,6 +233,8 @@ void qb_quorum_close(struct qb_quorum *q)
 			close(q->rep[i].fd);
 		free(q->rep[i].path);
 	}
+	for (uint32_t i = 0; i < q->ngraves; i++)
+		close(q->graveyard[i]);
 	if (q->hang_fd >= 0)
 		close(q->hang_fd);
 	if (q->event_fd >= 0)
@@ -253,7 +255,7 @@ uint64_t qb_quorum_size(const struct qb_quorum *q)
 
 uint32_t qb_quorum_replicas(const struct qb_quorum *q)
 {
-	return q->n;
+	return qb_replicas(q);
 }
 
 uint32_t qb_quorum_align(const struct qb_quorum *q)
@@ -268,7 +270,7 @@ void qb_quorum_get_options(const struct qb_quorum *q, struct qb_options *o)
 
 int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica)
 {
-	if (replica >= q->n)
+	if (replica >= qb_replicas(q))
 		return qb_err(EINVAL, QB_ERR_INVALID, "no replica %u", replica);
 	return __atomic_load_n(&q->rep[replica].state, __ATOMIC_ACQUIRE);
 }
@@ -350,7 +352,7 @@ bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
 
 	qb_event(q, QB_EV_REPLICA_ERROR, (int)r, offset, length, err);
 	do {
-		if (st == QB_REPLICA_FAILED)
+		if (st == QB_REPLICA_FAILED || st == QB_REPLICA_REMOVED)
 			return false;
 	} while (!__atomic_compare_exchange_n(&q->rep[r].state, &st,
 					      QB_REPLICA_FAILED, false,

@@ -51,6 +51,7 @@ enum qb_replica_state {
 	QB_REPLICA_IN_SERVICE = 0,
 	QB_REPLICA_FAILED = 1,	/* out of service: stale until resynced */
 	QB_REPLICA_RESYNCING = 2,	/* gets writes, no reads, no vote */
+	QB_REPLICA_REMOVED = 3,	/* no longer a member */
 };
 
 enum qb_event_type {
@@ -185,6 +186,14 @@ int qb_quorum_set_state(struct qb_quorum *q, uint32_t replica, uint32_t state);
 /* Clear the bits of regions without writes for idle_ms, when every replica is
  * in service. Returns regions cleared or -errno. */
 int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms);
+/* Bring a replica (back) into the set on a live quorum: a member that
+ * failed (same replica UUID: it takes its old index) or a new one. m is its
+ * header, already written to it. It starts RESYNCING: it gets every write
+ * from now on; resync it (qb_ctx_sync with it as target), then set it in
+ * service. Returns its index or -errno. */
+int qb_quorum_attach(struct qb_quorum *q, const char *path,
+		     const struct qb_meta *m);
+
 /* The dirty regions the quorum was opened with are resynced: from now on
  * qb_quorum_clean may clear them. */
 int qb_quorum_resynced(struct qb_quorum *q);

@@ -28,7 +28,8 @@ EVENT_TYPES = {lib.QB_EV_BAD_BLOCK: "bad-block",
                lib.QB_EV_REPAIRED: "repaired"}
 REPLICA_STATES = {lib.QB_REPLICA_IN_SERVICE: "in-service",
                   lib.QB_REPLICA_FAILED: "failed",
-                  lib.QB_REPLICA_RESYNCING: "resyncing"}
+                  lib.QB_REPLICA_RESYNCING: "resyncing",
+                  lib.QB_REPLICA_REMOVED: "removed"}
 STATE_VALUES = {v: k for k, v in REPLICA_STATES.items()}
 COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes",
             "read_bytes", "write_bytes", "bad_blocks", "repairs",
@@ -309,6 +310,27 @@ class Quorum:
         raise_for(lib.qb_quorum_set_state(self._q, replica,
                                           _choice("state", state, STATE_VALUES)),
                   lib, ffi)
+
+    @_guarded
+    def attach(self, path, header):
+        """Bring a replica into the live set (quorumblk.meta prepares its
+        header): it gets every write from now on, no reads until it is
+        resynced and set in service. Returns its index."""
+        r = raise_for(lib.qb_quorum_attach(self._q, str(path).encode(), header),
+                      lib, ffi)
+        with self._lock:
+            if r == len(self.paths):
+                self.paths.append(str(path))
+            else:
+                self.paths[r] = str(path)
+        return r
+
+    @_guarded
+    def header(self, replica):
+        """Replica's header as the engine last wrote it (a struct qb_meta)."""
+        m = ffi.new("struct qb_meta *")
+        raise_for(lib.qb_quorum_meta(self._q, replica, m), lib, ffi)
+        return m
 
     @_guarded
     def clean(self, idle=5.0):
