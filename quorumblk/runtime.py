@@ -304,14 +304,15 @@ class AddLock:
 
 # -- the control socket protocol: one JSON request line, one JSON answer --
 
-def request(dev_id, command, timeout=CONTROL_TIMEOUT):
+def request(dev_id, command, timeout=CONTROL_TIMEOUT, args=None):
     path = sock_path(dev_id)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:
             s.connect(path)
-            s.sendall(json.dumps({"command": command}).encode() + b"\n")
+            s.sendall(json.dumps({"command": command, "args": args or {}}).encode()
+                      + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -331,7 +332,10 @@ def request(dev_id, command, timeout=CONTROL_TIMEOUT):
     except ValueError:
         raise DaemonError(f"device {dev_id}: bad answer on {path}: {data[:200]!r}")
     if not answer.get("ok"):
-        raise DaemonError(f"device {dev_id}: {answer.get('error', 'request failed')}")
+        message = f"device {dev_id}: {answer.get('error', 'request failed')}"
+        if answer.get("exit_code"):     # the daemon refused: its reason
+            raise CommandError(message, exit_code=answer["exit_code"])
+        raise DaemonError(message)
     return answer
 
 
