@@ -276,6 +276,12 @@ def cmd_status(args):
         print(f"replica {r['index']} {r['state']} {r['path']}")
         print("  " + "  ".join(f"{k} {r[k]}" for k in sorted(r)
                                if k not in ("path", "state", "index")))
+    if s.get("resync") and s["resync"]["reason"] != "none":
+        print("at start: " + daemon.describe_resync(s["resync"]))
+    j = s.get("job")
+    if j:
+        print(f"job: {j['what']} {j['state']} {j['percent']}% of "
+              f"{_mib(j['total_bytes'])}" + (f": {j['error']}" if j["error"] else ""))
     evs = s["events"]
     print(f"events: {s['events_total']} in all" + (", recent:" if evs else ""))
     for e in evs:
