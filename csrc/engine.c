@@ -61,6 +61,7 @@ struct qb_slot {
 	uint8_t op, flags, phase, retries, err_kind;
 	bool deferred;
 	bool incomplete;	/* sync: more runs than fit; do it again */
+	bool again;		/* sync: that second pass (counted already) */
 	uint8_t sync_flags;	/* enum qb_sync_flags */
 	uint32_t targets;	/* sync: replicas that get the winner */
 	uint32_t len;
@@ -1131,9 +1132,8 @@ static int sync_need(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
  * bridging blocks it already holds right (rewriting those changes nothing)
  * but never a block without quorum. Counts and reports its losing copies. */
 static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		      uint32_t base)
+		      uint32_t base, struct qb_sync_result *res)
 {
-	struct qb_sync_result *res = c->sync_res;
 	bool voter = !(s->targets & (1u << r));
 	int from = -1, bad_from = -1;
 	uint32_t last = 0;
@@ -1153,7 +1153,7 @@ static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 				res->written++;
 			continue;
 		}
-		if (bad_from >= 0 && voter) {
+		if (bad_from >= 0 && voter && !s->again) {
 			report(c, s, QB_EV_BAD_BLOCK, (int)r, (uint32_t)bad_from,
 			       i);
 			QB_ADD(c->rep[r].bad_blocks, i - (uint32_t)bad_from);
@@ -1172,7 +1172,9 @@ static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 static void sync_voted(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
-	struct qb_sync_result *res = c->sync_res;
+	/* a second pass only writes what did not fit: counted the first time */
+	struct qb_sync_result scratch = { 0 };
+	struct qb_sync_result *res = s->again ? &scratch : c->sync_res;
 	uint32_t voters = s->ok & qb_in_service(q);
 	uint32_t thr = (s->sync_flags & QB_SYNC_PLURALITY) ? 1 :
 		       q->opt.threshold;
@@ -1189,7 +1191,7 @@ static void sync_voted(struct qb_ctx *c, struct qb_slot *s)
 	s->nruns = 0;
 	for (uint32_t r = 0; r < q->n; r++)
 		if ((voters | s->targets) & (1u << r))
-			sync_plan(c, s, r, base);
+			sync_plan(c, s, r, base, res);
 	res->blocks += s->nblocks;
 	for (uint32_t i = 0; i < s->nblocks; i++)
 		res->differing += !!(s->win[i] & WIN_DIFFER);
@@ -1708,7 +1710,8 @@ static void sync_launch(struct qb_ctx *c, uint32_t slot, struct sync_state *st,
 
 	s->targets = st->targets;
 	s->sync_flags = (uint8_t)st->flags;
-	if (off == st->next)
+	s->again = off != st->next;
+	if (!s->again)
 		st->next += len;
 	launch(c, s, OP_SYNC, 0, off, len, NULL);
 }

@@ -175,3 +175,24 @@ def test_sync_never_overwrites_a_racing_write(media_imgs, open_quorum):
     assert after[0] == after[1] == after[2]
     for blk, data in last.items():
         assert after[2][blk * BS:(blk + 1) * BS] == data
+
+
+def test_more_runs_than_fit_are_done_in_a_second_pass_counted_once(imgs,
+                                                                   open_quorum):
+    """Blocks without quorum split a replica's rewrite into runs: 128 runs
+    in one chunk are more than a request holds, so the chunk goes again for
+    the rest; every count is the first pass's."""
+    good = image(imgs[0])
+    for i in range(128):
+        flip(imgs[1], 2 * i * BS, bit=1)            # no quorum: 3 versions
+        flip(imgs[2], 2 * i * BS, bit=2)
+        flip(imgs[0], (2 * i + 1) * BS)             # outvoted: repaired
+    q = open_quorum(imgs, 2, events_per_sec=0)
+    res = q.sync(0, IMAGE_SIZE)
+    assert res == {"blocks": 256, "differing": 128, "unrecoverable": 128,
+                   "written": 128, "bad": [128, 0, 0]}
+    after = image(imgs[0])
+    for i in range(128):
+        odd = slice((2 * i + 1) * BS, (2 * i + 2) * BS)
+        assert after[odd] == good[odd]
+    assert len(of_type(q.events(), "repaired")) == 128
