@@ -148,37 +148,39 @@ def dirty_ranges(bitmap, shift, nregions, merge=True):
 
 # -- a new set --
 
+def _fit(size, shift):
+    """The data a block device of size bytes keeps besides the metadata."""
+    data = size - size % 4096
+    while data and data + lib.qb_meta_overhead(data, shift) > size:
+        data -= 4096
+    return data
+
+
 def _new_layout(paths, threshold, region_shift=None):
     """Grow image files (or check block devices' tails) and return the
-    data size. Nothing is written before every replica is checked."""
+    data size. Image files grow by the metadata; a block device cannot, so
+    its tail holds it. With block devices in the set every replica keeps
+    the same data as they do: an image file's tail then holds the metadata
+    too (and must be zeros, like theirs). Nothing is written before every
+    replica is checked."""
     sizes = [_size(p) for p in paths]
-    plans = []
-    for p, (size, is_blk) in zip(paths, sizes):
-        if not is_blk:
-            shift = region_shift or region_shift_for(size)
-            plans.append((p, size, size + lib.qb_meta_overhead(size, shift), False))
-            continue
-        data = size
-        shift = region_shift or region_shift_for(size)
-        while data and data + lib.qb_meta_overhead(data, shift) > size:
-            data -= 4096
-        data -= data % 4096
-        plans.append((p, data, size, True))
-    datas = {d for _, d, _, _ in plans}
-    if len(datas) != 1:
+    if len({s for s, _ in sizes}) != 1:
         raise SetError("replica sizes differ: " + ", ".join(
             f"{p}: {s} bytes" for p, (s, _) in zip(paths, sizes)))
-    for p, data, total, is_blk in plans:
-        if is_blk:
-            _check_zero_tail(p, data, total)
-    for p, data, total, is_blk in plans:
-        if not is_blk and os.stat(p).st_size < total:
+    size = sizes[0][0]
+    shift = region_shift or region_shift_for(size)
+    data = _fit(size, shift) if any(blk for _, blk in sizes) else size
+    total = data + lib.qb_meta_overhead(data, shift)
+    for p in paths:
+        _check_zero_tail(p, data, size)
+    for p in paths:
+        if size < total:
             try:
                 os.truncate(p, total)
             except OSError as e:
                 raise SetError(f"{p}: cannot grow it by {total - data} bytes "
                                f"for quorumblk's metadata: {e.strerror}")
-    return datas.pop()
+    return data
 
 
 def _check_zero_tail(path, data, total):
@@ -192,14 +194,15 @@ def _check_zero_tail(path, data, total):
             if chunk.count(0) != len(chunk):
                 raise SetError(
                     f"{path}: its last {total - data} bytes (from offset {data}) "
-                    "hold data, and quorumblk keeps its metadata there; clear "
-                    "them (e.g. blkdiscard -z -o {data}) if that data is not needed")
+                    "hold data, and quorumblk keeps its metadata there; zero "
+                    f"them (a device: blkdiscard -z -o {data} DEVICE) if that "
+                    "data is not needed")
             left -= len(chunk)
 
 
 def create(paths, threshold, region_shift=None):
-    data_size = _new_layout(paths, threshold, region_shift)
-    shift = region_shift or region_shift_for(data_size)
+    shift = region_shift or region_shift_for(_size(paths[0])[0])
+    data_size = _new_layout(paths, threshold, shift)
     set_id = uuid.uuid4().bytes
     ids = [uuid.uuid4().bytes for _ in paths]
     metas = []

@@ -159,3 +159,23 @@ def test_a_new_set_on_block_devices_takes_only_a_zeroed_tail(loops_4k):
 
 def bits_of(bitmap):
     return [i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))]
+
+
+def test_files_beside_block_devices_keep_the_same_data_size(loops, tmp_path):
+    """Image files of the devices' size do not grow when devices share the
+    set: every replica gives the same tail to the metadata."""
+    from quorumblk import meta
+    (tmp_path / "f").mkdir()
+    f = make_images(tmp_path / "f", n=1)[0]
+    for p in (loops[0], loops[1], f):
+        with open(p, "r+b") as out:
+            out.seek(IMAGE_SIZE - (64 << 10))
+            out.write(bytes(64 << 10))
+    plan = meta.assemble([loops[0], loops[1], f], 2)
+    assert os.path.getsize(f) == IMAGE_SIZE
+    q = Quorum([loops[0], loops[1], f], 2)
+    q.set_meta(plan.metas, plan.bitmap)
+    assert IMAGE_SIZE - (64 << 10) <= q.size < IMAGE_SIZE
+    q.write(0, b"m" * BS)
+    q.close()
+    assert pread(f, 0, BS) == dev_read(loops[0], 0, BS) == b"m" * BS
