@@ -35,7 +35,8 @@ medium takes it, conv=fsync):
   - scrub-flips: one bit flipped in 1% of the blocks first (each in one
     replica, the three in turn), then sync(), which rewrites those copies.
 MiB/s is the data area covered per second (the device's size over the
-time); `x dd` that over dd's rate. `replica MiB/s` counts every byte read
+time); `x dd` that over dd's rate; `by run` the range of the ratios of runs
+made in the same turn. `replica MiB/s` counts every byte read
 and written on the replicas; dd moves two per byte (one read, one write).
 
 Every figure is the fastest of --reps runs taken in turns across the
@@ -418,7 +419,7 @@ def run_medium(medium, directory, size, args, rows):
 
 def table(rows):
     head = ("medium", "test", "contender", "IOPS", "MiB/s", "ratio", "of",
-            "replica MiB/s", "cpu s/GiB", "spread", "target", "")
+            "by run", "replica MiB/s", "cpu s/GiB", "spread", "target", "")
     lines = [head]
     refs = {}
     for r in rows:
@@ -428,7 +429,7 @@ def table(rows):
         medium = r["medium"] + ("" if r.get("direct", True) else " (buffered)")
         if "error" in r:
             lines.append((medium, r["test"], r["contender"], "error", "", "",
-                          "", "", "", "", "", r["error"][:60]))
+                          "", "", "", "", "", "", r["error"][:60]))
             continue
         wi = r["test"].startswith("wi-")
         ref = refs.get((r["medium"], r["test"]))
@@ -446,11 +447,22 @@ def table(rows):
             f"{r['bytes'] / r['wall_s'] / MIB:,.0f}",
             f"{x:.2f}" if x is not None else "",
             ("x off" if wi else "x dd") if x is not None else "",
+            by_run(r, ref) if x is not None and r is not ref else "",
             f"{rb / r['wall_s'] / MIB:,.0f}" if rb else "",
             f"{r['cpu_s'] / (r['bytes'] / GIB):.2f}",
             f"{r['spread'] * 100:.0f}%" if "spread" in r else "",
             target, met))
-    return format_table(lines, right={3, 4, 5, 7, 8, 9})
+    return format_table(lines, right={3, 4, 5, 7, 8, 9, 10})
+
+
+def by_run(r, ref):
+    """The range of the ratios of runs made in the same turn (run i of the
+    row over run i of its reference): how far one turn's ratio can be off."""
+    a, b = r.get("rates", []), ref.get("rates", [])
+    if len(a) != len(b) or not a or "failed_run" in r or "failed_run" in ref:
+        return ""
+    x = [p / q for p, q in zip(a, b) if q]
+    return f"{min(x):.2f}-{max(x):.2f}" if x else ""
 
 
 def notes(rows, results):
@@ -468,6 +480,16 @@ def notes(rows, results):
         if "error" in r or "failed_run" in r:
             continue
         if r["contender"] == "record on" and r["test"] == "wi-marking":
+            off = next((o for o in rows if o["medium"] == r["medium"] and
+                        o["test"] == "wi-marking" and
+                        o["contender"] == "record off" and "error" not in o),
+                       None)
+            if off and r["regions_marked"]:
+                extra = (r["wall_s"] - off["wall_s"]) / r["regions_marked"]
+                out.append(f"[{r['medium']}] marking a region: "
+                           f"{extra * 1e6:,.0f} us more than writing without "
+                           "the record (wi-marking, fastest runs, over the "
+                           "regions marked)")
             out.append(f"[{r['medium']}] record on, fastest run: "
                        f"{r['regions_marked']} regions marked in its first "
                        f"pass; q.clean(5.0) called {r['clean_calls']} times, "
@@ -537,6 +559,8 @@ def main(argv=None):
               f"{DEVICE_MAX_IO >> 10} KiB; MiB/s = data area / time; "
               "replica MiB/s = bytes read + written on all replicas (dd: "
               "2 per byte); cpu = user+sys of the process per GiB of data;\n"
+              "by run = range of (run i / its reference's run i), "
+              "the runs of one turn; "
               "spread = (fastest - slowest run) / fastest; load average "
               f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
               f"({info['cpus']} CPUs: above that, other work shared them)")
