@@ -142,16 +142,22 @@ def make_images(directory, size):
     return names, raw
 
 
-def images_agree(paths):
-    """True when the replicas hold the same bytes (nothing diverged)."""
+def images_agree(paths, length=None):
+    """True when the replicas hold the same bytes (nothing diverged): all of
+    each file, or only its first `length` bytes (the data area of replicas
+    that carry quorumblk's metadata after it)."""
     files = [open(p, "rb") for p in paths]
+    left = length
     try:
         while True:
-            blocks = [f.read(8 * MIB) for f in files]
+            n = 8 * MIB if left is None else min(8 * MIB, left)
+            blocks = [f.read(n) for f in files]
             if any(b != blocks[0] for b in blocks[1:]):
                 return False
             if not blocks[0]:
                 return True
+            if left is not None:
+                left -= len(blocks[0])
     finally:
         for f in files:
             f.close()
@@ -492,8 +498,13 @@ def table(rows):
             f"{cpo / qcpo:.2f}" if cpo is not None and qcpo else "",
             f"{r['spread'] * 100:.0f}%" if "spread" in r else "",
             text, met))
-    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
-    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
+    return format_table(lines, right={3, 4, 5, 6, 7, 8, 9, 10, 11})
+
+
+def format_table(lines, right):
+    """Rows of cells as aligned text: the first row is the head, underlined;
+    the columns whose index is in `right` are right-aligned below it."""
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(lines[0]))]
     out = []
     for n, l in enumerate(lines):
         cells = [str(c).rjust(widths[i]) if i in right and n else
