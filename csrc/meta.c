@@ -234,6 +234,12 @@ static int write_sync(int fd, const void *buf, uint64_t len, uint64_t off)
 	return ret == (ssize_t)len ? 0 : -EIO;
 }
 
+/* Where the header copy that m's seq picks goes. */
+static uint64_t header_off(const struct qb_meta *m)
+{
+	return m->replica_size - HDRS_BYTES + (m->seq & 1) * HDR_BYTES;
+}
+
 static int header_write(int fd, const struct qb_meta *m)
 {
 	uint8_t *buf;
@@ -242,8 +248,7 @@ static int header_write(int fd, const struct qb_meta *m)
 	if (posix_memalign((void **)&buf, PAGE, HDR_BYTES))
 		return -ENOMEM;
 	encode(m, buf);
-	ret = write_sync(fd, buf, HDR_BYTES,
-			 m->replica_size - HDRS_BYTES + (m->seq & 1) * HDR_BYTES);
+	ret = write_sync(fd, buf, HDR_BYTES, header_off(m));
 	free(buf);
 	return ret;
 }
@@ -298,27 +303,89 @@ static bool image_bit(const struct qb_wil *w, uint32_t i)
 	return w->image[i / 8] & (1u << (i % 8));
 }
 
-/* Replicas that get writes: in service or resyncing. */
-static uint32_t writable(struct qb_quorum *q)
+/* One replica's part of a metadata write: buf NULL means fdatasync. */
+struct meta_io {
+	const void *buf;
+	uint64_t off;
+};
+
+static void meta_io_serial(struct qb_quorum *q, uint32_t r,
+			   const struct meta_io *io, uint32_t len, uint32_t *bad)
 {
-	return __atomic_load_n(&q->writable, __ATOMIC_ACQUIRE);
+	int fd = q->rep[r].fd;
+
+	if (io->buf ? write_sync(fd, io->buf, len, io->off) < 0 :
+	    fdatasync(fd) < 0)
+		*bad |= 1u << r;
 }
 
-/* Out of service without touching the metadata (the caller updates it). */
-static bool take_out(struct qb_quorum *q, uint32_t r, int err)
+/*
+ * Metadata I/O on every replica in mask at once, each on stable storage
+ * before it counts, within the replica timeout: a replica that fails or
+ * does not answer is in the returned mask (the caller takes it out; a
+ * late write of its lands from buffers that live until close). The time
+ * of one replica's write, not the sum. Under w->lock.
+ */
+static uint32_t meta_io_all(struct qb_quorum *q, uint32_t mask,
+			    const struct meta_io *io, uint32_t len)
 {
-	int st = __atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
+	struct qb_wil *w = q->wil;
+	uint64_t deadline = qb_now_ns() +
+			    (uint64_t)q->opt.timeout_ms * 1000000ULL;
+	uint32_t pending = 0, bad = 0, gen = ++w->ring_gen & 0xffffff;
 
-	do {
-		if (st == QB_REPLICA_FAILED || st == QB_REPLICA_REMOVED)
-			return false;
-	} while (!__atomic_compare_exchange_n(&q->rep[r].state, &st,
-					      QB_REPLICA_FAILED, false,
-					      __ATOMIC_ACQ_REL,
-					      __ATOMIC_ACQUIRE));
-	__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
-	__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
-	return true;
+	for (uint32_t r = 0; r < q->n; r++) {
+		struct io_uring_sqe *sqe;
+
+		if (!(mask & (1u << r)))
+			continue;
+		sqe = w->ring_ok ? io_uring_get_sqe(&w->ring) : NULL;
+		if (!sqe) {
+			meta_io_serial(q, r, &io[r], len, &bad);
+			continue;
+		}
+		if (io[r].buf) {
+			io_uring_prep_write(sqe, q->rep[r].fd, io[r].buf, len,
+					    io[r].off);
+			sqe->rw_flags = RWF_DSYNC;
+		} else {
+			io_uring_prep_fsync(sqe, q->rep[r].fd,
+					    IORING_FSYNC_DATASYNC);
+		}
+		sqe->user_data = (uint64_t)gen << 8 | r;
+		pending |= 1u << r;
+	}
+	if (pending)
+		io_uring_submit(&w->ring);
+	while (pending) {
+		struct io_uring_cqe *cqe;
+		uint64_t now = qb_now_ns();
+		struct __kernel_timespec ts = { 0 };
+		uint32_t r;
+		int ret, res;
+
+		if (now >= deadline)
+			break;
+		ts.tv_sec = (long long)((deadline - now) / 1000000000ULL);
+		ts.tv_nsec = (long long)((deadline - now) % 1000000000ULL);
+		ret = io_uring_wait_cqe_timeout(&w->ring, &cqe, &ts);
+		if (ret == -EINTR)
+			continue;
+		if (ret < 0)
+			break;
+		r = cqe->user_data & 0xff;
+		res = cqe->res;
+		ret = (cqe->user_data >> 8) == gen;
+		io_uring_cqe_seen(&w->ring, cqe);
+		if (!ret || !(pending & (1u << r)))
+			continue;	/* a late answer to an earlier call */
+		pending &= ~(1u << r);
+		if (res == -EOPNOTSUPP || res == -EINVAL)	/* no RWF_DSYNC */
+			meta_io_serial(q, r, &io[r], len, &bad);
+		else if (res < 0 || (io[r].buf && (uint32_t)res != len))
+			bad |= 1u << r;
+	}
+	return bad | pending;
 }
 
 /* Record the replicas' states in every writable replica's header: one more
@@ -327,10 +394,10 @@ static bool take_out(struct qb_quorum *q, uint32_t r, int err)
 static void headers_update(struct qb_quorum *q)
 {
 	struct qb_wil *w = q->wil;
-	uint32_t failed;
+	struct meta_io io[QB_MAX_REPLICAS];
+	uint32_t mask, bad;
 
 	do {
-		failed = 0;
 		w->events++;
 		w->seq++;
 		for (uint32_t r = 0; r < q->n; r++) {
@@ -342,25 +409,26 @@ static void headers_update(struct qb_quorum *q)
 			w->members[m->slot].state = (uint32_t)
 				__atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
 		}
+		mask = qb_writable(q);
 		for (uint32_t r = 0; r < q->n; r++) {
 			struct qb_meta *m = &w->hdr[r];
-			int ret;
 
-			if (!(writable(q) & (1u << r)))
+			if (!(mask & (1u << r)))
 				continue;
 			m->events = w->events;
 			m->seq = w->seq;
 			m->nmembers = w->nmembers;
 			memcpy(m->members, w->members, sizeof(m->members));
-			ret = header_write(q->rep[r].fd, m);
-			if (ret < 0 && take_out(q, r, ret)) {
-				qb_event(q, QB_EV_REPLICA_FAILED, (int)r,
-					 m->replica_size - HDRS_BYTES,
-					 HDR_BYTES, ret);
-				failed++;
-			}
+			encode(m, w->hbuf + (size_t)r * HDR_BYTES);
+			io[r].buf = w->hbuf + (size_t)r * HDR_BYTES;
+			io[r].off = header_off(m);
 		}
-	} while (failed && writable(q));
+		bad = meta_io_all(q, mask, io, HDR_BYTES);
+		for (uint32_t r = 0; r < q->n; r++)
+			if ((bad & (1u << r)) && qb_replica_take_out(q, r))
+				qb_event(q, QB_EV_REPLICA_FAILED, (int)r,
+					 io[r].off, HDR_BYTES, EIO);
+	} while (bad && qb_writable(q));
 }
 
 /* Write bitmap pages [p0, p1] to every writable replica. Under w->lock.
@@ -368,16 +436,13 @@ static void headers_update(struct qb_quorum *q)
 static uint32_t pages_write(struct qb_quorum *q, uint64_t p0, uint64_t p1)
 {
 	struct qb_wil *w = q->wil;
-	uint32_t bad = 0, mask = writable(q);
+	struct meta_io io[QB_MAX_REPLICAS];
 
 	for (uint32_t r = 0; r < q->n; r++) {
-		if (!(mask & (1u << r)))
-			continue;
-		if (write_sync(q->rep[r].fd, w->image + p0 * PAGE,
-			       (p1 - p0 + 1) * PAGE, w->off + p0 * PAGE) < 0)
-			bad |= 1u << r;
+		io[r].buf = w->image + p0 * PAGE;
+		io[r].off = w->off + p0 * PAGE;
 	}
-	return bad;
+	return meta_io_all(q, qb_writable(q), io, (uint32_t)((p1 - p0 + 1) * PAGE));
 }
 
 static void fail_writers(struct qb_quorum *q, uint32_t bad, uint64_t p0)
@@ -385,7 +450,7 @@ static void fail_writers(struct qb_quorum *q, uint32_t bad, uint64_t p0)
 	bool any = false;
 
 	for (uint32_t r = 0; bad; r++, bad >>= 1)
-		if ((bad & 1) && take_out(q, r, -EIO)) {
+		if ((bad & 1) && qb_replica_take_out(q, r)) {
 			qb_event(q, QB_EV_REPLICA_FAILED, (int)r,
 				 q->wil->off + p0 * PAGE, PAGE, EIO);
 			any = true;
@@ -486,12 +551,9 @@ int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms)
 	if (cleared) {
 		/* the writes those bits covered must be durable before the
 		 * bits go: a disk's write cache could still lose them */
-		uint32_t bad = 0, mask = writable(q);
+		struct meta_io sync[QB_MAX_REPLICAS] = { { NULL, 0 } };
 
-		for (uint32_t r = 0; r < q->n; r++)
-			if ((mask & (1u << r)) && fdatasync(q->rep[r].fd) < 0)
-				bad |= 1u << r;
-		fail_writers(q, bad, p0);
+		fail_writers(q, meta_io_all(q, qb_writable(q), sync, 0), p0);
 		fail_writers(q, pages_write(q, p0, p1), p0);
 	}
 out:
@@ -541,6 +603,8 @@ int qb_quorum_set_meta(struct qb_quorum *q, const struct qb_meta *meta,
 	w->last_ms = calloc(w->nregions, sizeof(*w->last_ms));
 	w->durable = calloc(w->nregions, 1);
 	if (!w->inflight || !w->last_ms || !w->durable ||
+	    posix_memalign((void **)&w->hbuf, PAGE,
+			   (size_t)QB_MAX_REPLICAS * HDR_BYTES) ||
 	    posix_memalign((void **)&w->image, PAGE, bytes)) {
 		qb_wil_free(w);
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
@@ -551,6 +615,8 @@ int qb_quorum_set_meta(struct qb_quorum *q, const struct qb_meta *meta,
 		w->pinned |= w->durable[i];
 	}
 	pthread_mutex_init(&w->lock, NULL);
+	/* without a ring (an old kernel) metadata goes out one by one */
+	w->ring_ok = io_uring_queue_init(2 * QB_MAX_REPLICAS, &w->ring, 0) == 0;
 	for (uint32_t r = 0; r < q->n; r++) {
 		uint32_t st = meta[r].members[meta[r].slot].state;
 
@@ -576,6 +642,9 @@ void qb_wil_free(struct qb_wil *w)
 		return;
 	if (w->image)
 		pthread_mutex_destroy(&w->lock);
+	if (w->ring_ok)
+		io_uring_queue_exit(&w->ring);
+	free(w->hbuf);
 	free(w->inflight);
 	free(w->last_ms);
 	free(w->durable);

@@ -57,6 +57,10 @@ struct qb_wil {
 	bool pinned;			/* bits from before open not resynced yet */
 
 	pthread_mutex_t lock;		/* the rest, and metadata writes */
+	struct io_uring ring;		/* metadata writes to all replicas at once */
+	bool ring_ok;
+	uint32_t ring_gen;		/* tells a late CQE from a current one */
+	uint8_t *hbuf;			/* one encoded header per replica index */
 	uint8_t *image;			/* the bitmap as written, page aligned */
 	uint64_t events, seq;
 	uint32_t nmembers;
@@ -113,6 +117,9 @@ void qb_err_clear(void);
 uint64_t qb_now_ns(void);
 void qb_event(struct qb_quorum *q, uint32_t type, int replica,
 	      uint64_t offset, uint64_t length, int err);
+/* Replica r is FAILED from now on (no I/O, no vote), without events or a
+ * header update; true if this call did it. */
+bool qb_replica_take_out(struct qb_quorum *q, uint32_t r);
 /* Take replica r out of service after err; true if this call did it. */
 bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
 		     uint64_t offset, uint64_t length);

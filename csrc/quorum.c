@@ -345,12 +345,10 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
 	return i;
 }
 
-bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
-		     uint64_t offset, uint64_t length)
+bool qb_replica_take_out(struct qb_quorum *q, uint32_t r)
 {
 	int st = __atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
 
-	qb_event(q, QB_EV_REPLICA_ERROR, (int)r, offset, length, err);
 	do {
 		if (st == QB_REPLICA_FAILED || st == QB_REPLICA_REMOVED)
 			return false;
@@ -360,6 +358,15 @@ bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
 					      __ATOMIC_ACQUIRE));
 	__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
 	__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
+	return true;
+}
+
+bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
+		     uint64_t offset, uint64_t length)
+{
+	qb_event(q, QB_EV_REPLICA_ERROR, (int)r, offset, length, err);
+	if (!qb_replica_take_out(q, r))
+		return false;
 	qb_event(q, QB_EV_REPLICA_FAILED, (int)r, offset, length, err);
 	qb_meta_replica_failed(q, r);
 	return true;
