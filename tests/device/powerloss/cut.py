@@ -2,6 +2,14 @@
 replica disks, ext4 on it, writes going on, then a reset of the VM without
 any sync (sysrq b; vng runs QEMU with -no-reboot, so QEMU exits).
 
+QEMU completes every write the guest has handed to a disk before it exits,
+so a reset alone would leave the three replicas identical almost always and
+the resync with nothing to repair. The third replica is therefore reached
+through dm-delay (writes and flushes held DELAY_MS in the guest) while fio
+runs: the writes it holds at the reset are lost, as on a slow replica that
+loses power, and boot 2 must find and repair exactly those blocks. Boot 2
+uses the disks directly (quorumblk knows its replicas by their metadata).
+
 Before the reset it writes tests/device/logs/powerloss-cut.json: "ok" and
 what it did, or the error that stopped it. The check (boot 2,
 test_powerloss.py) reads it first, so a failure here shows in powerloss.xml.
@@ -17,7 +25,9 @@ import traceback
 from plcommon import THRESHOLD, dirty_regions, qb, replica_paths, save_report
 
 MNT = "/tmp/qb-powerloss"        # the guest's tmpfs: only the mount point
-WRITE_S = 8                      # writes run this long before the reset
+SLOW = "qb-powerloss-slow"       # dm-delay over the third replica
+DELAY_MS = 300
+WRITE_S = 7                      # writes run this long before the reset
                                  # (> the 5 s after which idle regions go
                                  # clean, so mkfs's regions are clean again)
 
@@ -38,57 +48,75 @@ def run(cmd, timeout=120):
     return p.stdout
 
 
-def status(dev_id):
-    p = qb("status", "--json", dev_id)
-    if p.returncode != 0:
-        raise RuntimeError(f"quorumblk status exited {p.returncode}: {p.stderr}")
-    return json.loads(p.stdout)
+def delay_table(disk, ms):
+    sectors = run(["blockdev", "--getsz", disk]).strip()
+    return f"0 {sectors} delay {disk} 0 0 {disk} 0 {ms}"
 
 
-def wait_writes(dev_id, more_than, timeout=60):
-    """The device's write count once it is above more_than."""
+def writes_done(dev):
+    """Writes the kernel has completed on dev (its /sys/block stat)."""
+    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
+        return int(f.read().split()[4])
+
+
+def wait_writes(dev, more_than, timeout=60):
+    """dev's completed writes once they are above more_than."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        writes = status(dev_id)["counters"]["writes"]
+        writes = writes_done(dev)
         if writes > more_than:
             return writes
-        time.sleep(0.5)
-    raise RuntimeError(f"no writes reached the device in {timeout} s "
-                       f"(still {more_than})")
+        time.sleep(0.2)
+    raise RuntimeError(f"no writes completed on {dev} in {timeout} s")
 
 
 def cut(report):
-    paths = replica_paths()
+    t0 = time.monotonic()
+    times = report["seconds"] = {}
+
+    def step(name):
+        times[name] = round(time.monotonic() - t0, 1)
+
+    disks = replica_paths()
+    run(["dmsetup", "create", SLOW, "--table", delay_table(disks[2], 0)])
+    paths = disks[:2] + [f"/dev/mapper/{SLOW}"]
     report["replicas"] = paths
     p = qb("add", "--json", "-t", THRESHOLD, *paths)
     if p.returncode != 0:
         raise RuntimeError(f"quorumblk add exited {p.returncode}: {p.stderr}")
-    info = json.loads(p.stdout)
-    dev = info["path"]
-    report["device"] = dev
-    report["size"] = status(info["id"])["size"]
+    dev = report["device"] = json.loads(p.stdout)["path"]
+    with open(f"/sys/block/{os.path.basename(dev)}/size") as f:
+        report["size"] = int(f.read()) * 512
     report["set_uuid"] = dirty_regions(paths)[2]
+    step("add")
 
     run(["mkfs.ext4", "-q", "-F", "-E",
          "nodiscard,lazy_itable_init=0,lazy_journal_init=1", dev], timeout=300)
     os.makedirs(MNT, exist_ok=True)
     run(["mount", dev, MNT])
-    before = status(info["id"])["counters"]["writes"]
+    step("mkfs_mount")
+    run(["dmsetup", "load", SLOW, "--table", delay_table(disks[2], DELAY_MS)])
+    run(["dmsetup", "suspend", SLOW])
+    run(["dmsetup", "resume", SLOW])
+
+    before = writes_done(dev)
     fio = subprocess.Popen(FIO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, cwd="/tmp")
-    first = wait_writes(info["id"], before)
+    first = wait_writes(dev, before)
+    step("fio_started")
     time.sleep(WRITE_S)
     # writes must still be going on at the moment of the reset
-    last = wait_writes(info["id"], status(info["id"])["counters"]["writes"],
-                       timeout=10)
+    last = wait_writes(dev, writes_done(dev), timeout=10)
     if fio.poll() is not None:
         raise RuntimeError(f"fio exited {fio.returncode} before the reset: "
                            f"{fio.stderr.read()[-2000:]}")
-    st = status(info["id"])
+    with open(f"/sys/block/{os.path.basename(dev)}/inflight") as f:
+        inflight = int(f.read().split()[1])
     dirty, region, _ = dirty_regions(paths)
+    step("reset")
     report.update({
         "writes_before_fio": before, "writes_at_fio_start": first,
-        "writes_at_reset": last, "write_bytes_at_reset": st["counters"]["write_bytes"],
+        "writes_at_reset": last, "writes_in_flight_at_reset": inflight,
         "dirty_regions_at_reset": len(dirty), "region_bytes": region,
         "ok": True, "reset": time.time()})
 
@@ -103,10 +131,11 @@ def main():
         print(f"powerloss-cut: failed:\n{report['error']}", flush=True)
         return 1
     save_report(report)
-    print(f"powerloss-cut: {report['writes_at_reset']} writes "
-          f"({report['write_bytes_at_reset']} bytes), "
+    print(f"powerloss-cut: {report['writes_at_reset']} writes done, "
+          f"{report['writes_in_flight_at_reset']} in flight, "
           f"{report['dirty_regions_at_reset']} dirty regions of "
-          f"{report['region_bytes']} bytes; resetting without sync", flush=True)
+          f"{report['region_bytes']} bytes; seconds: {report['seconds']}; "
+          "resetting without sync", flush=True)
     with open("/proc/sys/kernel/sysrq", "w") as f:
         f.write("1\n")
     with open("/proc/sysrq-trigger", "w") as f:

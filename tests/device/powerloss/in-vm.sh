@@ -13,7 +13,9 @@ logs=tests/device/logs
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 echo "powerloss-$1: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s"
-modprobe ublk_drv || echo "powerloss-$1: modprobe ublk_drv failed"
+for mod in ublk_drv dm_delay; do
+	modprobe "$mod" || echo "powerloss-$1: modprobe $mod failed"
+done
 case "$1" in
 cut)
 	cd "$here" && timeout 300 "$root/.venv/bin/python" cut.py
@@ -23,6 +25,7 @@ check)
 	# inside the VM a missing ublk fails the test (conftest.py)
 	export QB_DEVICE_SUITE=1
 	timeout 400 .venv/bin/python -m pytest "$here" -v -s -p no:cacheprovider \
+		-p no:hypothesispytest \
 		--timeout=300 -o junit_family=xunit2 --junitxml="$logs/powerloss.xml"
 	rc=$?
 	;;

@@ -3,10 +3,10 @@ where the cut phase leaves its report, and how to read the write-intent
 bitmap from the replicas themselves.
 
 The replicas are three whole virtio disks: scripts/test-device attaches
-tests/device/logs/powerloss-r{0,1,2}.img with `vng --disk NAME` from that
-folder, so each disk's serial is its file name and the guest finds them by
-serial, whatever /dev/vdX each one became. They live in host files, so they
-survive the reset (the guest's /dev/shm and /tmp do not).
+tests/device/logs/powerloss-r{0,1,2}.img with the serials powerloss-r0..2,
+and the guest finds them by serial, whatever /dev/vdX each one became. They
+live in host files, so they survive the reset (the guest's /dev/shm and
+/tmp do not).
 """
 import json
 import os
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 LOGS = os.path.join(ROOT, "tests", "device", "logs")
 CUT_REPORT = os.path.join(LOGS, "powerloss-cut.json")
 QB = os.path.join(ROOT, ".venv", "bin", "quorumblk")
-DISKS = ["powerloss-r0.img", "powerloss-r1.img", "powerloss-r2.img"]
+DISKS = ["powerloss-r0", "powerloss-r1", "powerloss-r2"]     # serials
 THRESHOLD = 2
 
 
@@ -33,8 +33,8 @@ def replica_paths():
     missing = [d for d in DISKS if d not in by_serial]
     if missing:
         raise AssertionError(
-            f"no disk with serial {', '.join(missing)} (the VM must be booted "
-            f"with vng --disk NAME from {LOGS}); disks seen: {by_serial}")
+            f"no disk with serial {', '.join(missing)} (scripts/test-device "
+            f"attaches them); disks seen: {by_serial}")
     return [by_serial[d] for d in DISKS]
 
 

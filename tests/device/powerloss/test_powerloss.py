@@ -1,8 +1,9 @@
 """Power-loss test, boot 2 ("check"): the VM was reset during writes (boot 1,
-cut.py); `quorumblk add` of the same replicas must resync exactly the
-regions the write-intent bitmap holds dirty (far less than the device),
-e2fsck must find the file system clean, and the replicas' data areas must
-be byte-identical.
+cut.py), with the third replica's last writes held back and lost;
+`quorumblk add` of the same replicas must resync exactly the regions the
+write-intent bitmap holds dirty (far less than the device) and repair the
+third replica's blocks there, e2fsck must find the file system clean, and
+the replicas' data areas must be byte-identical.
 
 Runs only in the second boot of scripts/test-device (in-vm.sh check).
 Elsewhere it is skipped with the reason (conftest.py; QB_POWERLOSS_SKIP
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -43,17 +45,20 @@ def cut_report():
     return load_report()
 
 
-def test_cut_reset_the_vm_during_writes(record_property):
+def test_cut_reset_the_vm_during_writes(record_testsuite_property):
     r = cut_report()
     assert r["ok"], f"the cut phase failed:\n{r.get('error')}"
     assert r["writes_at_reset"] > r["writes_at_fio_start"] > r["writes_before_fio"]
-    record_property("writes_at_reset", r["writes_at_reset"])
-    record_property("dirty_regions_at_reset", r["dirty_regions_at_reset"])
-    print(f"\ncut: {r['writes_at_reset']} writes ({r['write_bytes_at_reset']} bytes) "
-          f"to {r['device']}, {r['dirty_regions_at_reset']} regions dirty at the reset")
+    record_testsuite_property("cut_writes_at_reset", r["writes_at_reset"])
+    record_testsuite_property("cut_dirty_regions_at_reset", r["dirty_regions_at_reset"])
+    print(f"\ncut: {r['writes_at_reset']} writes done on {r['device']}, "
+          f"{r['writes_in_flight_at_reset']} in flight, "
+          f"{r['dirty_regions_at_reset']} regions dirty at the reset; "
+          f"seconds into the cut: {r['seconds']}")
 
 
-def test_add_resyncs_only_the_dirty_regions(record_property):
+def test_add_resyncs_only_the_dirty_regions(record_testsuite_property):
+    t0 = time.monotonic()
     cut = cut_report()
     assert cut["ok"], "the cut phase failed: see test_cut_reset_the_vm_during_writes"
     paths = replica_paths()
@@ -70,11 +75,8 @@ def test_add_resyncs_only_the_dirty_regions(record_property):
         rs = st["resync"]
         size = st["size"]
         print(f"\nadd: {p.stderr.strip()}\nresync: {json.dumps(rs)}")
-        record_property("resync_bytes", rs["bytes"])
-        record_property("device_bytes", size)
-        record_property("resync_regions", rs["regions"])
-        record_property("differing_blocks", json.dumps(rs["differing_blocks"]))
-        record_property("copied_blocks", rs["copied_blocks"])
+        for key in ("bytes", "size", "regions", "differing_blocks", "copied_blocks"):
+            record_testsuite_property(f"resync_{key}", rs[key])
 
         # exactly the dirty regions, each clipped to the device's end
         expect = sum(min((i + 1) * region, size) - i * region for i in dirty)
@@ -84,12 +86,16 @@ def test_add_resyncs_only_the_dirty_regions(record_property):
         assert rs["bytes"] == expect
         assert 0 < rs["bytes"] <= size // 4, "the resync is not bounded to dirty regions"
         assert rs["unrecoverable_blocks"] == 0
+        # the third replica lost the writes dm-delay held at the reset
+        assert rs["differing_blocks"][2] > 0, "the resync found nothing to repair"
+        assert rs["copied_blocks"] >= rs["differing_blocks"][2]
         m = WARNING.search(p.stderr)
         assert m, f"no resync warning from add: {p.stderr!r}"
         assert (int(m[1]), int(m[2]), int(m[4])) == (rs["bytes"], rs["regions"], size)
         print(f"resynced {rs['bytes']} of {size} bytes ({100 * rs['bytes'] / size:.2f}%), "
               f"{rs['regions']} regions; differing blocks per replica "
-              f"{rs['differing_blocks']}, copied {rs['copied_blocks']}")
+              f"{rs['differing_blocks']}, copied {rs['copied_blocks']} "
+              f"({time.monotonic() - t0:.0f} s)")
 
         # the journal replays on mount, as after any power loss; then the
         # file system must be clean
@@ -99,6 +105,7 @@ def test_add_resyncs_only_the_dirty_regions(record_property):
         fsck = subprocess.run(["e2fsck", "-fn", dev], capture_output=True,
                               text=True, timeout=300)
         assert fsck.returncode == 0, f"e2fsck -fn: {fsck.stdout}{fsck.stderr}"
+        print(f"e2fsck -fn clean ({time.monotonic() - t0:.0f} s)")
     finally:
         subprocess.run(["umount", MNT], capture_output=True, timeout=60)
         d = qb("del", info["id"], timeout=180)
@@ -109,3 +116,4 @@ def test_add_resyncs_only_the_dirty_regions(record_property):
         run(["blockdev", "--flushbufs", path])
     for other in paths[1:]:
         run(["cmp", "-n", str(size), paths[0], other])
+    print(f"data areas identical ({time.monotonic() - t0:.0f} s)")
