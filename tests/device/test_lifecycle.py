@@ -95,10 +95,11 @@ def test_scrub_reports_exactly_the_planted_bitflips_and_repairs_them(images, cli
     assert job_lines(p)[-1]["result"]["unrecoverable"] == 1
 
 
-def _fio_verify(dev, size="32m", seed=5):
+def _fio_verify(dev, size="32m", seed=5, offset="0"):
     return subprocess.Popen(
         ["fio", "--name=verify", f"--filename={dev}", "--direct=1",
          "--ioengine=io_uring", "--rw=randwrite", "--bs=4k", f"--size={size}",
+         f"--offset={offset}",
          "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
          f"--randseed={seed}", "--allow_file_create=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/tmp")
@@ -199,9 +200,26 @@ def test_readd_after_a_transient_failure_copies_only_what_was_missed(flakey, cli
     s = status(info["id"])
     assert [r["state"] for r in s["replicas"]] == ["in-service", "in-service", "failed"]
     dm.heal()
-    p = qb("readd", "--json", info["id"], dm.path)
+    # the readd starts (the replica is attached: it gets every write from
+    # now on), then fio writes and verifies while it resyncs
+    p = qb("readd", "--background", "--rate", "2M", "--json", info["id"], dm.path)
     assert p.returncode == 0, p.stderr
-    res = job_lines(p)[-1]["result"]
+    assert json.loads(p.stdout)["state"] == "running"
+    fio = _fio_verify(info["path"], size="24m", offset="96m", seed=9)
+    try:
+        end = time.monotonic() + 300
+        while status(info["id"])["job"]["state"] == "running":
+            assert time.monotonic() < end, "the readd did not end"
+            time.sleep(0.5)
+        out, _ = fio.communicate(timeout=500)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0 and "err= 0" in out, out
+    job = status(info["id"])["job"]
+    assert job["state"] == "done", job
+    res = job["result"]
     missed_bytes = sum(n for _, n in missed)
     print(f"readd: missed {missed_bytes} bytes; checked {res['checked_bytes']} "
           f"of {size}, copied {res['copied_bytes']}")
