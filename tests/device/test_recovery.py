@@ -1,9 +1,11 @@
-"""Daemon crash recovery on a real ublk device (in the VM): kill -9 of the
-daemon leaves the device quiesced, I/O issued meanwhile waits, `quorumblk
+"""Daemon crash recovery on a real ublk device (in the VM): Device.recover
+in a new server after kill -9 of the old one under fio --verify; through
+the command: kill -9 of the daemon leaves the device quiesced, I/O issued meanwhile waits, `quorumblk
 recover` serves it again with nothing written before the crash lost (fio
 verifies across the crash); recover refuses a live daemon; del removes a
 quiesced device and fails the I/O that waited; `add --foreground --id N`
 (the systemd unit's restart) recovers."""
+import errno
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import run, wait_gone
+from conftest import Served, run, wait_gone
 
 from test_cli import QB, alive, cli, qb, wait_dead  # noqa: F401
 
@@ -60,25 +62,96 @@ def data_identical(paths, size):
         run(["cmp", "-n", str(size), paths[0], p])
 
 
+def fio_verify(path, seed):
+    """Random 4 KiB writes, then a verify pass (crc32c), in the background."""
+    return subprocess.Popen(
+        ["fio", "--name=crash", f"--filename={path}", "--direct=1",
+         "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+         "--size=32m", "--io_size=48m", f"--randseed={seed}",
+         "--allow_file_create=0", "--verify=crc32c", "--verify_fatal=1",
+         "--do_verify=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tempfile.gettempdir())
+
+
+def wait_writes(fio, writes, minimum=1000, timeout=120):
+    """Wait until writes() (the device's write count) reaches minimum while
+    fio still runs."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and fio.poll() is None and writes() < minimum:
+        time.sleep(0.3)
+    assert fio.poll() is None, "fio finished before the crash"
+
+
+def test_device_recover_in_a_new_server_under_fio_verify(images, serve):
+    """The library: a server dies (kill -9) under fio, a new process
+    Device.recover()s the device, fio completes and verifies."""
+    size = 64 << 20
+    paths = images(3, size)
+    s = serve(paths, 2, device={"user_recovery": True})
+    fio = fio_verify(s.path, 17)
+    try:
+        wait_writes(fio, lambda: s.status()["counters"]["writes"])
+        s.kill()
+        end = time.monotonic() + 30
+        while kernel_state(s.id)["state"] != "quiesced" and time.monotonic() < end:
+            time.sleep(0.1)
+        assert kernel_state(s.id)["state"] == "quiesced"
+        assert still_waiting([fio]), "fio ended while the device was quiesced"
+        s2 = serve(paths, 2, recover=s.id)
+        assert s2.id == s.id and s2.path == s.path
+        k = kernel_state(s.id)
+        assert k["state"] == "live" and k["pid"] == s2.pid, k
+        out, _ = fio.communicate(timeout=400)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0, out
+    assert "err= 0" in out, out
+    assert s2.status()["counters"]["quorum_failures"] == 0
+    assert s2.stop()["ok"]
+    assert wait_gone(s.path, 10)
+    data_identical(paths, size)
+
+
+def test_device_recover_refuses_what_it_cannot_take_over(images, serve):
+    """Device.recover refuses, and leaves the device as it was: one made
+    without user recovery, one whose server runs, one of another size, one
+    that is gone."""
+    plain = serve(images(3, 16 << 20, prefix="p"), 2)
+    paths = images(3, 16 << 20)
+    live = serve(paths, 2, device={"user_recovery": True})
+    other = Served(paths, 2, recover=plain.id)
+    assert other.error and other.error["errno"] == errno.EOPNOTSUPP, other.error
+    assert f"ublk device {plain.id} was created without user recovery" in other.error["error"]
+    other = Served(paths, 2, recover=live.id)
+    assert other.error and other.error["errno"] == errno.EBUSY, other.error
+    assert f"ublk device {live.id} is LIVE, served by pid {live.pid}" in other.error["error"]
+    other = Served(images(3, 32 << 20, prefix="big"), 2, recover=live.id)
+    assert other.error and other.error["errno"] == errno.EINVAL, other.error
+    assert f"ublk device {live.id} has {16 << 20} bytes" in other.error["error"]
+    k = kernel_state(live.id)
+    assert k["state"] == "live" and k["pid"] == live.pid
+    run(["dd", "if=/dev/zero", f"of={live.path}", "bs=64k", "count=4",
+         "oflag=direct", "status=none"])
+    plain.kill()
+    # without user recovery the kernel stops the device when its server dies
+    assert wait_gone(plain.path, 30)
+    from quorumblk.device import delete
+    delete(plain.id)
+    other = Served(paths, 2, recover=plain.id)
+    assert other.error and other.error["errno"] == errno.ENODEV, other.error
+
+
 def test_kill_9_during_fio_verify_then_recover(images, cli):
     size = 64 << 20
     paths = images(3, size)
     info = cli("-t", "2", *paths)
-    fio = subprocess.Popen(
-        ["fio", "--name=crash", f"--filename={info['path']}", "--direct=1",
-         "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-         "--size=32m", "--io_size=48m", "--randseed=99", "--allow_file_create=0",
-         "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=tempfile.gettempdir())
+    fio = fio_verify(info["path"], 99)
     try:
-        end = time.monotonic() + 120
-        while time.monotonic() < end and fio.poll() is None:
-            s = json.loads(qb("status", "--json", info["id"]).stdout)
-            if s["counters"]["writes"] >= 1000:
-                break
-            time.sleep(0.3)
-        assert fio.poll() is None, "fio finished before the crash"
+        wait_writes(fio, lambda: json.loads(
+            qb("status", "--json", info["id"]).stdout)["counters"]["writes"])
         crash(info)
         (mine,) = [d for d in json.loads(qb("list", "--json").stdout)
                    if d["id"] == info["id"]]
