@@ -8,6 +8,8 @@
  *   read:  READ -> (READ_MORE: policy threshold or fifo needs more copies)
  *                -> vote -> (REPAIR: rewrite losing blocks) -> done
  *   write, discard, write-zeroes, flush: one phase -> done
+ *   sync:  (hold the blocks) -> SYNC: read voters and targets -> vote
+ *                -> (SYNC_WRITE: losers and targets get the winner) -> done
  *
  * CQE user_data: slot (16) | slot generation (16) | kind (4) | replica (5) |
  * index (12), or QB_UD_FOREIGN for a front end's own commands. The generation
@@ -36,8 +38,16 @@
 #define QB_MAX_RUNS 64		/* repair writes per request */
 #define QB_RETRIES 2		/* re-reads when a vote met a racing write */
 
-enum phase { PH_FREE, PH_READ, PH_READ_MORE, PH_REPAIR, PH_MODIFY, PH_FLUSH };
-enum kind { K_IO, K_REPAIR, K_ZERO, K_TICK, K_IGNORE };
+#define OP_SYNC 8		/* internal: qb_ctx_sync's chunks */
+#define WIN_NO_QUORUM (1u << 31)	/* sync: the block had no quorum */
+#define WIN_DIFFER (1u << 30)	/* sync: some copy of the block differed */
+
+enum phase {
+	PH_FREE, PH_READ, PH_READ_MORE, PH_REPAIR, PH_MODIFY, PH_FLUSH,
+	PH_SYNC, PH_SYNC_WRITE,
+};
+/* K_REPAIR rewrites a losing voter (a "repaired" event), K_COPY a target */
+enum kind { K_IO, K_REPAIR, K_ZERO, K_TICK, K_IGNORE, K_COPY };
 enum zero_mode { ZM_FALLOC, ZM_PUNCH, ZM_WRITE };
 
 struct run {
@@ -50,6 +60,9 @@ struct qb_slot {
 	uint16_t gen;
 	uint8_t op, flags, phase, retries, err_kind;
 	bool deferred;
+	bool incomplete;	/* sync: more runs than fit; do it again */
+	uint8_t sync_flags;	/* enum qb_sync_flags */
+	uint32_t targets;	/* sync: replicas that get the winner */
 	uint32_t len;
 	uint64_t off;
 	void *src;
@@ -97,6 +110,7 @@ struct qb_ctx {
 	bool tick_armed;
 	struct __kernel_timespec tick;
 	uint32_t files_gen;	/* q->files_gen of the registered files */
+	struct qb_sync_result *sync_res;	/* qb_ctx_sync's, while it runs */
 
 	qb_done_fn done;
 	void *done_arg;
@@ -232,6 +246,30 @@ static void repair_release(struct qb_ctx *c, struct qb_slot *s)
 				   __ATOMIC_ACQ_REL);
 		s->held[i] = 0;
 	}
+}
+
+/* Hold every block of a sync against writers, only while none is in flight
+ * on them (new ones wait until the sync releases them). Fails with nothing
+ * held. */
+static bool sync_hold(struct qb_ctx *c, struct qb_slot *s)
+{
+	uint64_t b0 = first_block(c->q, s->off);
+
+	for (uint32_t i = 0; i < s->nblocks; i++) {
+		uint64_t *b = bucket(c->q, b0 + i);
+		uint64_t w = __atomic_load_n(b, __ATOMIC_ACQUIRE);
+
+		do {
+			if (QB_WRITERS(w)) {
+				repair_release(c, s);
+				return false;
+			}
+		} while (!__atomic_compare_exchange_n(b, &w, w + QB_REPAIR_ONE,
+						      true, __ATOMIC_ACQ_REL,
+						      __ATOMIC_ACQUIRE));
+		s->held[i] = 1;
+	}
+	return true;
 }
 
 static void writers_release(struct qb_ctx *c, uint64_t b0, uint32_t nb)
@@ -480,7 +518,7 @@ static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		      uint32_t kind, int res, uint32_t want, uint64_t off)
 {
 	bool rw = s->op == QB_OP_READ || s->op == QB_OP_WRITE ||
-		  kind != K_IO;
+		  s->op == OP_SYNC || kind != K_IO;
 
 	if (kind == K_IO && res < 0 && (res == -EOPNOTSUPP || res == -EINVAL) &&
 	    (s->op == QB_OP_DISCARD || s->op == QB_OP_WRITE_ZEROES) &&
@@ -509,6 +547,8 @@ static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		QB_ADD(c->dev.repairs, want / c->q->opt.vote_block);
 		qb_event(c->q, QB_EV_REPAIRED, (int)r, off, want, 0);
 		return;
+	case K_COPY:
+		return;
 	}
 	if (!(s->bad & (1u << r)))
 		s->ok |= 1u << r;
@@ -522,7 +562,8 @@ static bool chunked(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 	uint32_t chunk = c->q->rep[r].chunk;
 
 	return kind == K_IO && chunk && s->len > chunk &&
-	       (s->op == QB_OP_READ || s->op == QB_OP_WRITE);
+	       (s->op == QB_OP_READ || s->op == QB_OP_WRITE ||
+		s->op == OP_SYNC);
 }
 
 static void issue_chunks(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
@@ -561,7 +602,7 @@ static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 	    (s->dropped & (1u << r)))
 		return;		/* an abandoned I/O */
 	s->nout[r]--;
-	if (kind == K_REPAIR) {
+	if (kind == K_REPAIR || kind == K_COPY) {
 		want = s->runs[ud_idx(ud)].len;
 		off = s->runs[ud_idx(ud)].off;
 	} else if (kind == K_ZERO) {
@@ -606,7 +647,8 @@ static void tick(struct qb_ctx *c)
 			io_uring_prep_cancel64(sqe, ud_make(i, s->gen, K_IO,
 							    r, 0), 0);
 			sqe->user_data = ud_make(0, 0, K_IGNORE, 0, 0);
-			if (s->phase == PH_READ || s->phase == PH_READ_MORE)
+			if (s->phase == PH_READ || s->phase == PH_READ_MORE ||
+			    s->phase == PH_SYNC)
 				replace_buf(c, s, r);
 			s->dropped |= 1u << r;
 			s->pending -= s->nout[r];
@@ -731,6 +773,37 @@ static void sync_files(struct qb_ctx *c)
 		c->files_gen = gen;
 }
 
+/* Its blocks are held by another request: start it again later. */
+static void defer(struct qb_ctx *c, struct qb_slot *s)
+{
+	s->deferred = true;
+	s->next_deferred = c->deferred;
+	c->deferred = s;
+}
+
+static void start_sync(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
+{
+	struct qb_quorum *q = c->q;
+	uint32_t need = (s->sync_flags & QB_SYNC_PLURALITY) ? 1 :
+			q->opt.threshold;
+	uint32_t mask = live;
+
+	if (qb_popcount(live) < need) {
+		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+		return;
+	}
+	s->nblocks = blocks_of(q, s->off, s->len);
+	s->incomplete = false;
+	if (!sync_hold(c, s)) {
+		defer(c, s);
+		return;
+	}
+	s->targets &= qb_writable(q) & ~live;
+	if (!(s->sync_flags & QB_SYNC_BLIND))
+		mask |= s->targets;
+	read_from(c, s, mask, PH_SYNC);
+}
+
 static void start_request(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
@@ -740,6 +813,10 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 
 	s->ok = s->tried = s->dropped = s->bad = 0;
 	memset(s->nout, 0, sizeof(s->nout));
+	if (s->op == OP_SYNC) {
+		start_sync(c, s, live);
+		return;
+	}
 	if (qb_popcount(live) < q->opt.threshold) {
 		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
@@ -760,9 +837,7 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 		return;
 	}
 	if (!writers_hold(c, s)) {	/* a repair is rewriting these blocks */
-		s->deferred = true;
-		s->next_deferred = c->deferred;
-		c->deferred = s;
+		defer(c, s);
 		return;
 	}
 	if (q->wil)	/* the regions are marked dirty on stable storage */
@@ -831,36 +906,47 @@ static void block_span(struct qb_ctx *c, struct qb_slot *s, uint32_t i,
 	*len = (uint32_t)(end - start);
 }
 
-/* Vote each block; -1 if some block has no quorum. */
-static int vote_blocks(struct qb_ctx *c, struct qb_slot *s)
+/* A quorum-failure event for every run of blocks marked WIN_NO_QUORUM. */
+static void report_no_quorum(struct qb_ctx *c, struct qb_slot *s)
+{
+	int from = -1;
+
+	for (uint32_t i = 0; i <= s->nblocks; i++) {
+		bool nq = i < s->nblocks && (s->win[i] & WIN_NO_QUORUM);
+
+		if (nq && from < 0)
+			from = (int)i;
+		if (!nq && from >= 0) {
+			report(c, s, QB_EV_QUORUM_FAILURE, -1, (uint32_t)from, i);
+			from = -1;
+		}
+	}
+}
+
+/* Vote each block over the voters in mask, at least thr of them agreeing;
+ * blocks without quorum are marked and reported. Returns how many. */
+static uint32_t vote_blocks(struct qb_ctx *c, struct qb_slot *s,
+			    uint32_t mask, uint32_t thr)
 {
 	struct qb_quorum *q = c->q;
 	const void *bufs[QB_MAX_REPLICAS];
-	uint32_t nq_from = 0;
-	bool nq = false, bad = false;
+	uint32_t nq = 0;
 
 	for (uint32_t i = 0; i < s->nblocks; i++) {
 		uint32_t rel, len;
-		int w;
 
 		block_span(c, s, i, &rel, &len);
 		for (uint32_t r = 0; r < q->n; r++)
-			bufs[r] = (s->ok & (1u << r)) ?
+			bufs[r] = (mask & (1u << r)) ?
 				  (char *)s->buf[r] + rel : NULL;
-		w = qb_vote(bufs, q->n, len, q->opt.threshold, q->opt.hash,
-			    &s->win[i]);
-		if (w < 0 && !bad)
-			nq_from = i;
-		if (w < 0)
-			bad = nq = true;
-		else if (bad) {
-			report(c, s, QB_EV_QUORUM_FAILURE, -1, nq_from, i);
-			bad = false;
+		if (qb_vote(bufs, q->n, len, thr, q->opt.hash, &s->win[i]) < 0) {
+			s->win[i] |= WIN_NO_QUORUM;
+			nq++;
 		}
 	}
-	if (bad)
-		report(c, s, QB_EV_QUORUM_FAILURE, -1, nq_from, s->nblocks);
-	return nq ? -1 : 0;
+	if (nq)
+		report_no_quorum(c, s);
+	return nq;
 }
 
 static bool raced(struct qb_ctx *c, struct qb_slot *s)
@@ -957,7 +1043,7 @@ static void vote_and_finish(struct qb_ctx *c, struct qb_slot *s)
 		       s->buf[__builtin_ctz(s->ok)]);
 		return;
 	}
-	if (vote_blocks(c, s) < 0) {
+	if (vote_blocks(c, s, s->ok, q->opt.threshold)) {
 		if (raced(c, s) && s->retries++ < QB_RETRIES) {
 			s->gen++;	/* late CQEs of this attempt are stale */
 			start_request(c, s);
@@ -1021,6 +1107,109 @@ static void read_done(struct qb_ctx *c, struct qb_slot *s)
 	vote_and_finish(c, s);
 }
 
+/* ---- resync and scrub ---- */
+
+/* What replica r's copy of block i needs: 0 nothing (it holds the winner),
+ * 1 the winner, 2 leave it (no quorum). */
+static int sync_need(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		     uint32_t i, uint32_t base)
+{
+	uint32_t rel, len;
+
+	if (s->win[i] & WIN_NO_QUORUM)
+		return 2;
+	if (!(s->targets & (1u << r)))
+		return !(s->win[i] & (1u << r));
+	if (s->sync_flags & QB_SYNC_BLIND)
+		return 1;
+	block_span(c, s, i, &rel, &len);
+	return memcmp((char *)s->buf[r] + rel, (char *)s->buf[base] + rel,
+		      len) != 0;
+}
+
+/* Plan replica r's rewrite: one run per stretch of blocks it must get,
+ * bridging blocks it already holds right (rewriting those changes nothing)
+ * but never a block without quorum. Counts and reports its losing copies. */
+static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		      uint32_t base)
+{
+	struct qb_sync_result *res = c->sync_res;
+	bool voter = !(s->targets & (1u << r));
+	int from = -1, bad_from = -1;
+	uint32_t last = 0;
+
+	for (uint32_t i = 0; i <= s->nblocks; i++) {
+		int need = i < s->nblocks ? sync_need(c, s, r, i, base) : 2;
+
+		if (need == 1) {
+			if (from < 0)
+				from = (int)i;
+			if (bad_from < 0)
+				bad_from = (int)i;
+			last = i;
+			s->win[i] |= WIN_DIFFER;
+			res->bad[r]++;
+			if (!(s->sync_flags & QB_SYNC_NO_WRITE))
+				res->written++;
+			continue;
+		}
+		if (bad_from >= 0 && voter) {
+			report(c, s, QB_EV_BAD_BLOCK, (int)r, (uint32_t)bad_from,
+			       i);
+			QB_ADD(c->rep[r].bad_blocks, i - (uint32_t)bad_from);
+			QB_ADD(c->dev.bad_blocks, i - (uint32_t)bad_from);
+		}
+		bad_from = -1;
+		if (need == 2 && from >= 0) {
+			if (s->nruns == QB_MAX_RUNS)
+				s->incomplete = true;
+			add_run(c, s, r, (uint32_t)from, last + 1);
+			from = -1;
+		}
+	}
+}
+
+static void sync_voted(struct qb_ctx *c, struct qb_slot *s)
+{
+	struct qb_quorum *q = c->q;
+	struct qb_sync_result *res = c->sync_res;
+	uint32_t voters = s->ok & qb_in_service(q);
+	uint32_t thr = (s->sync_flags & QB_SYNC_PLURALITY) ? 1 :
+		       q->opt.threshold;
+	uint32_t base;
+
+	s->targets &= qb_writable(q) & ~s->bad;	/* failed ones are out */
+	if (qb_popcount(voters) < thr) {
+		repair_release(c, s);
+		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+		return;
+	}
+	res->unrecoverable += vote_blocks(c, s, voters, thr);
+	base = assemble(c, s);
+	s->nruns = 0;
+	for (uint32_t r = 0; r < q->n; r++)
+		if ((voters | s->targets) & (1u << r))
+			sync_plan(c, s, r, base);
+	res->blocks += s->nblocks;
+	for (uint32_t i = 0; i < s->nblocks; i++)
+		res->differing += !!(s->win[i] & WIN_DIFFER);
+	if ((s->sync_flags & QB_SYNC_NO_WRITE) || !s->nruns) {
+		repair_release(c, s);
+		finish(c, s, (int)s->len, 0, NULL);
+		return;
+	}
+	begin_phase(s, PH_SYNC_WRITE);
+	for (uint32_t i = 0; i < s->nruns; i++) {
+		struct run *run = &s->runs[i];
+		uint32_t r = s->run_rep[i];
+
+		issue(c, s, r, (s->targets & (1u << r)) ? K_COPY : K_REPAIR, i,
+		      QB_OP_WRITE, (char *)s->buf[base] + run->rel, run->off,
+		      run->len);
+	}
+	end_issue(c, s);
+}
+
 static void phase_done(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
@@ -1029,6 +1218,13 @@ static void phase_done(struct qb_ctx *c, struct qb_slot *s)
 	case PH_READ:
 	case PH_READ_MORE:
 		read_done(c, s);
+		return;
+	case PH_SYNC:
+		sync_voted(c, s);
+		return;
+	case PH_SYNC_WRITE:
+		repair_release(c, s);
+		finish(c, s, (int)s->len, 0, NULL);
 		return;
 	case PH_REPAIR:
 		repair_release(c, s);
@@ -1073,11 +1269,25 @@ static void count_request(struct qb_ctx *c, uint32_t op, uint32_t len)
 	}
 }
 
+static void launch(struct qb_ctx *c, struct qb_slot *s, uint32_t op,
+		   uint32_t flags, uint64_t offset, uint32_t length, void *src)
+{
+	s->gen++;
+	s->op = (uint8_t)op;
+	s->flags = (uint8_t)flags;
+	s->off = op == QB_OP_FLUSH ? 0 : offset;
+	s->len = op == QB_OP_FLUSH ? 0 : length;
+	s->src = src;
+	s->retries = 0;
+	s->out = NULL;
+	c->inflight++;
+	start_request(c, s);
+}
+
 int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 		  uint32_t flags, uint64_t offset, uint32_t length, void *src)
 {
 	struct qb_quorum *q = c->q;
-	struct qb_slot *s;
 
 	if (slot >= c->depth || c->slots[slot].phase != PH_FREE ||
 	    c->slots[slot].deferred)
@@ -1104,18 +1314,8 @@ int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 				      "I/O length %u is above max_io (%u)",
 				      length, q->opt.max_io);
 	}
-	s = &c->slots[slot];
-	s->gen++;
-	s->op = (uint8_t)op;
-	s->flags = (uint8_t)flags;
-	s->off = op == QB_OP_FLUSH ? 0 : offset;
-	s->len = op == QB_OP_FLUSH ? 0 : length;
-	s->src = src;
-	s->retries = 0;
-	s->out = NULL;
-	c->inflight++;
 	count_request(c, op, length);
-	start_request(c, s);
+	launch(c, &c->slots[slot], op, flags, offset, length, src);
 	return 0;
 }
 
@@ -1485,4 +1685,97 @@ int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
 	res->cpu_ns = cpu_ns() - cpu0;
 	qb_ctx_set_done(c, old_done, old_arg);
 	return ret;
+}
+
+/* ---- resync and scrub, driven to completion ---- */
+
+#define SYNC_DEPTH 4		/* chunks in flight */
+
+struct sync_state {
+	uint64_t next, end;
+	uint32_t targets, flags;
+	int err, err_kind;
+	uint64_t err_off;
+};
+
+static void sync_launch(struct qb_ctx *c, uint32_t slot, struct sync_state *st,
+			uint64_t off)
+{
+	struct qb_slot *s = &c->slots[slot];
+	uint64_t left = st->end - off;
+	uint32_t len = left < c->q->opt.max_io ? (uint32_t)left :
+		       c->q->opt.max_io;
+
+	s->targets = st->targets;
+	s->sync_flags = (uint8_t)st->flags;
+	if (off == st->next)
+		st->next += len;
+	launch(c, s, OP_SYNC, 0, off, len, NULL);
+}
+
+static void sync_done(struct qb_ctx *c, uint32_t slot, int res, void *data,
+		      void *arg)
+{
+	struct sync_state *st = arg;
+	struct qb_slot *s = &c->slots[slot];
+
+	if (res < 0 && !st->err) {
+		st->err = res;
+		st->err_kind = s->err_kind;
+		st->err_off = s->off;
+	}
+	if (st->err)
+		return;
+	if (s->incomplete)	/* the rest of its runs: the same chunk again */
+		sync_launch(c, slot, st, s->off);
+	else if (st->next < st->end)
+		sync_launch(c, slot, st, st->next);
+}
+
+int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
+		uint32_t targets, uint32_t flags, struct qb_sync_result *res)
+{
+	struct qb_quorum *q = c->q;
+	struct sync_state st = {
+		.next = offset, .end = offset + length, .flags = flags,
+		.targets = targets,
+	};
+	qb_done_fn old_done = c->done;
+	void *old_arg = c->done_arg;
+	int ret = 0;
+
+	qb_err_clear();
+	memset(res, 0, sizeof(*res));
+	if (offset > q->size || length > q->size - offset ||
+	    (offset | length) % q->align)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "sync of offset %llu length %llu: outside the device (%llu bytes) or not aligned to %u",
+			      (unsigned long long)offset,
+			      (unsigned long long)length,
+			      (unsigned long long)q->size, q->align);
+	if (flags & ~(uint32_t)(QB_SYNC_PLURALITY | QB_SYNC_NO_WRITE |
+				QB_SYNC_BLIND))
+		return qb_err(EINVAL, QB_ERR_INVALID, "sync flags %#x", flags);
+	if (c->inflight)
+		return qb_err(EBUSY, QB_ERR_INVALID,
+			      "sync on a context with requests in flight");
+	c->sync_res = res;
+	qb_ctx_set_done(c, sync_done, &st);
+	for (uint32_t i = 0; i < SYNC_DEPTH && i < c->depth &&
+	     st.next < st.end; i++)
+		sync_launch(c, i, &st, st.next);
+	while (c->inflight && !ret)
+		ret = qb_ctx_run(c, 1);
+	while (c->inflight && qb_ctx_run(c, 1) == 0)
+		;
+	qb_ctx_set_done(c, old_done, old_arg);
+	c->sync_res = NULL;
+	if (ret)
+		return ret;
+	if (st.err)
+		return qb_err(-st.err, st.err_kind,
+			      "sync at offset %llu: fewer than %u replicas in service answered",
+			      (unsigned long long)st.err_off,
+			      (flags & QB_SYNC_PLURALITY) ? 1 : q->opt.threshold);
+	return 0;
 }

@@ -336,6 +336,9 @@ static void headers_update(struct qb_quorum *q)
 		for (uint32_t r = 0; r < q->n; r++) {
 			struct qb_meta *m = &w->hdr[r];
 
+			/* a removed replica's slot may have a new owner */
+			if (memcmp(w->members[m->slot].uuid, m->replica_uuid, 16))
+				continue;
 			w->members[m->slot].state = (uint32_t)
 				__atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
 		}
@@ -609,7 +612,20 @@ int qb_quorum_set_state(struct qb_quorum *q, uint32_t r, uint32_t state)
 	else
 		__atomic_fetch_or(&q->writable, 1u << r, __ATOMIC_ACQ_REL);
 	if (q->wil) {
+		struct qb_meta *m = &q->wil->hdr[r];
+
+		if (state == QB_REPLICA_IN_SERVICE)	/* resynced whole */
+			q->wil->members[m->slot].flags = 0;
 		headers_update(q);
+		if (state == QB_REPLICA_REMOVED) {
+			/* it says so itself too, so that it never votes again
+			 * (best effort: the others' headers say it as well) */
+			m->events = q->wil->events;
+			m->seq = q->wil->seq;
+			m->nmembers = q->wil->nmembers;
+			memcpy(m->members, q->wil->members, sizeof(m->members));
+			header_write(q->rep[r].fd, m);
+		}
 		pthread_mutex_unlock(&q->wil->lock);
 	}
 	return 0;
@@ -729,6 +745,7 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	w->hdr[r] = *m;
 	memcpy(w->members[m->slot].uuid, m->replica_uuid, 16);
 	w->members[m->slot].state = QB_REPLICA_RESYNCING;
+	w->members[m->slot].flags = m->members[m->slot].flags;
 	if (m->slot >= w->nmembers)
 		w->nmembers = m->slot + 1;
 	__atomic_add_fetch(&q->files_gen, 1, __ATOMIC_ACQ_REL);

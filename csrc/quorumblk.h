@@ -142,7 +142,13 @@ struct qb_bench_result {
 struct qb_meta_member {
 	uint8_t uuid[16];
 	uint32_t state;		/* enum qb_replica_state */
-	uint32_t pad;
+	uint32_t flags;		/* enum qb_member_flags */
+};
+
+enum qb_member_flags {
+	/* joined empty (replace, add-replica): until its resync ends, all of
+	 * it is stale, not only what the bitmap marks */
+	QB_MEMBER_FULL_SYNC = 1,
 };
 
 struct qb_meta {
@@ -252,6 +258,32 @@ void *qb_ctx_buf(struct qb_ctx *c, uint32_t slot, uint32_t replica);
  * write takes it from buf. Returns bytes done or -errno. */
 int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 		  uint64_t offset, uint32_t length, void *buf);
+/*
+ * Resync and scrub: vote every block of [offset, offset + length) over the
+ * in-service replicas and make the losing copies, and every target
+ * (resyncing replicas: read, not voting), agree with the winner. Blocks
+ * are held against user writes while they are synced (writes wait), so a
+ * sync never overwrites newer data and a target misses no write. Blocks
+ * without quorum are left as they are and counted, unless PLURALITY: then
+ * their largest class wins (ties: the earliest replica).
+ */
+enum qb_sync_flags {
+	QB_SYNC_PLURALITY = 1,
+	QB_SYNC_NO_WRITE = 2,	/* count only */
+	QB_SYNC_BLIND = 4,	/* targets are not read: every block is copied */
+};
+
+struct qb_sync_result {
+	uint64_t blocks;	/* vote blocks checked */
+	uint64_t differing;	/* blocks where some copy differed */
+	uint64_t unrecoverable;	/* blocks without quorum, left as they were */
+	uint64_t written;	/* block copies rewritten */
+	uint64_t bad[16];	/* differing copies per replica (QB_MAX_REPLICAS) */
+};
+
+int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
+		uint32_t targets, uint32_t flags, struct qb_sync_result *res);
+
 /* Run the load generator to completion on this context. */
 int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
 		 struct qb_bench_result *res);

@@ -1,4 +1,6 @@
-"""The quorumblk command: add, list, status, del and recover quorumblk devices.
+"""The quorumblk command: add, list, status and del quorumblk devices;
+change a running device's replicas (readd, replace, add-replica,
+remove-replica) and scrub it; recover a device whose daemon died.
 
 Each handler is a call or two into quorumblk.daemon; main() turns every
 error into `quorumblk: <message>` on stderr and the error's exit status
@@ -19,9 +21,15 @@ EXIT_CODES = """exit status:
   2 bad usage           7 no such device
   3 not root            8 daemon did not answer or stop in time
   4 no ublk driver      9 the device did not start (or recover)
-                       10 the replicas were refused (threshold, size, open)
-                       11 not recoverable (daemon alive, device not quiesced)
+                       10 the replicas were refused (threshold, size, open,
+                          identity) or a replica change was refused
+                       11 another job (scrub, resync) runs on the device
+                       12 scrub found blocks without quorum (left as they were)
+                       13 not recoverable (daemon alive, device not quiesced)
 """
+JOB_FAILED = 1
+NO_QUORUM_FOUND = 12
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 ENGINE_REFUSED = 10
 
 
@@ -75,6 +83,30 @@ def _queues(text):
     if v > 64:
         raise argparse.ArgumentTypeError(f"{text} queues is above 64")
     return v
+
+
+def _rate(text):
+    t = text.strip().lower().removesuffix("/s").removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in UNITS and not t[-1:].isdigit() else ""
+    try:
+        v = float(t[:len(t) - len(unit)]) * UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate (bytes per second, e.g. 50M or 1G)")
+    if not v >= 1 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"rate {text} must be at least 1 byte/s")
+    return int(v)
+
+
+def _job_options(parser, what):
+    parser.add_argument("--rate", type=_rate, default=None, metavar="BYTES/S",
+                        help=f"{what} at most this fast (K, M, G suffixes; default: "
+                        "as fast as the replicas go)")
+    parser.add_argument("--json", action="store_true",
+                        help="print progress and the result as JSON lines")
+    parser.add_argument("--background", action="store_true",
+                        help="return once the job has started (`quorumblk status "
+                        "DEV` shows its progress)")
 
 
 def build_parser():
@@ -140,13 +172,62 @@ def build_parser():
     de.add_argument("--json", action="store_true", help="print JSON")
     de.set_defaults(func=cmd_del)
 
+    sc = sub.add_parser("scrub", help="read, vote and repair the whole device",
+                        description="Read every block from every in-service replica "
+                        "while the device serves, vote, and rewrite losing copies; "
+                        "prints what it found. Exit 12 if blocks had no quorum.")
+    sc.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    sc.add_argument("--no-repair", dest="repair", action="store_false",
+                    help="only report, rewrite nothing")
+    _job_options(sc, "read")
+    sc.set_defaults(func=cmd_scrub)
+
+    ra = sub.add_parser("readd", help="bring a replica back after a failure",
+                        description="A member of the set that left service (an I/O "
+                        "error, a timeout, or it was missing at add) comes back: it "
+                        "gets what it missed (the regions written since, by the "
+                        "write-intent bitmap), then votes again.")
+    ra.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    ra.add_argument("replica", metavar="REPLICA",
+                    help="its path (or its index, to reopen the path it had)")
+    _job_options(ra, "copy")
+    ra.set_defaults(func=cmd_readd)
+
+    rp = sub.add_parser("replace", help="replace a replica by a new image",
+                        description="NEW (an image or device without quorumblk "
+                        "metadata, at least the device's size) gets a copy of the "
+                        "whole device while it serves, then OLD leaves the set.")
+    rp.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    rp.add_argument("old", metavar="OLD", help="the replica to replace: path or index")
+    rp.add_argument("new", metavar="NEW", help="the new replica's path")
+    _job_options(rp, "copy")
+    rp.set_defaults(func=cmd_replace)
+
+    ad = sub.add_parser("add-replica", help="add a new replica to a running device",
+                        description="NEW (an image or device without quorumblk "
+                        "metadata) becomes one more replica: it gets a copy of the "
+                        "whole device, then votes.")
+    ad.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    ad.add_argument("new", metavar="NEW", help="the new replica's path")
+    _job_options(ad, "copy")
+    ad.set_defaults(func=cmd_add_replica)
+
+    rm = sub.add_parser("remove-replica", help="take a replica out of the set",
+                        description="The replica leaves the set for good (its header "
+                        "says so: it is refused as a member later). Refused when "
+                        "fewer than threshold replicas would stay in service.")
+    rm.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    rm.add_argument("replica", metavar="REPLICA", help="its path or index")
+    rm.add_argument("--json", action="store_true", help="print JSON")
+    rm.set_defaults(func=cmd_remove_replica)
+
     rc = sub.add_parser(
         "recover", help="serve a device again after its daemon died",
         description="Serve DEV again after its daemon died (kill -9, a crash): the "
         "kernel keeps the device quiesced, and I/O issued meanwhile waits. The "
         "replicas, threshold and options come from /run/quorumblk/N.json; regions "
         "with writes in flight at the crash are resynced by vote first. Prints the "
-        "device's path once it is LIVE again. Refused (exit 11) when the daemon "
+        "device's path once it is LIVE again. Refused (exit 13) when the daemon "
         "still runs or the kernel does not hold the device quiesced.")
     rc.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
     rc.add_argument("--foreground", "-f", action="store_true",
@@ -256,6 +337,122 @@ def cmd_recover(args):
         print(json.dumps(res, sort_keys=True))
     else:
         print(res["path"])
+    return 0
+
+
+def _start_job(args, command, **params):
+    runtime.require_root(f"quorumblk {command}")
+    st = runtime.find(args.dev)
+    if getattr(args, "rate", None):
+        params["rate"] = args.rate
+    job = runtime.request(st["id"], command, args=params)["job"]
+    if args.background:
+        print(json.dumps(job, sort_keys=True) if args.json else
+              f"{job['what']} started on {st['path']}")
+        return None
+    return _follow(st, job, args.json)
+
+
+def _follow(st, job, as_json, every=0.5):
+    """Show a job's progress until it ends (a bar on a terminal, JSON lines
+    with --json); returns its last state."""
+    tty = sys.stderr.isatty() and not as_json
+    last_json = 0.0
+    try:
+        while True:
+            if as_json and time.monotonic() - last_json >= 1.0:
+                print(json.dumps({"type": "progress", **_brief(job)}), flush=True)
+                last_json = time.monotonic()
+            if tty:
+                sys.stderr.write("\r" + _bar(job))
+                sys.stderr.flush()
+            if job["state"] != "running":
+                break
+            time.sleep(every)
+            job = runtime.request(st["id"], "job")["job"]
+    except KeyboardInterrupt:
+        if tty:
+            sys.stderr.write("\n")
+        print(f"quorumblk: {job['what']} goes on in the daemon; `quorumblk status "
+              f"{st['id']}` shows it", file=sys.stderr)
+        raise
+    if tty:
+        sys.stderr.write("\n")
+    return job
+
+
+def _brief(job):
+    return {k: job[k] for k in ("kind", "state", "done_bytes", "total_bytes",
+                                "percent", "bytes_per_s")}
+
+
+def _bar(job, width=30):
+    fill = int(width * job["percent"] / 100)
+    return (f"{job['what']}: [{'#' * fill}{'.' * (width - fill)}] "
+            f"{job['percent']:5.1f}% {_mib(job['done_bytes'])}/{_mib(job['total_bytes'])} "
+            f"{_mib(job['bytes_per_s'])}/s")
+
+
+def _mib(n):
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _finish(job, as_json, describe):
+    if job is None:
+        return 0
+    if as_json:
+        print(json.dumps({"type": "result", **job}, sort_keys=True))
+    if job["state"] != "done":
+        raise CommandError(f"{job['what']} failed: {job['error']}", exit_code=JOB_FAILED)
+    if not as_json:
+        print(describe(job["result"], job))
+    return 0
+
+
+def cmd_scrub(args):
+    job = _start_job(args, "scrub", repair=args.repair)
+
+    def describe(r, job):
+        bad = ", ".join(f"{p}: {n}" for p, n in r["bad_blocks"].items()) or "none"
+        return (f"scrubbed {_mib(job['total_bytes'])} ({r['blocks_checked']} blocks) in "
+                f"{job['seconds']:.1f} s: bad blocks {bad}; "
+                f"{r['repaired']} repaired; {r['unrecoverable']} without quorum")
+    rc = _finish(job, args.json, describe)
+    if job is not None and job["result"]["unrecoverable"]:
+        return NO_QUORUM_FOUND
+    return rc
+
+
+def _describe_fill(r, job):
+    return (f"{job['what']}: checked {_mib(r['checked_bytes'])} of "
+            f"{_mib(r['size'])}, copied {r['copied_blocks']} blocks "
+            f"({_mib(r['copied_bytes'])}) in {job['seconds']:.1f} s; "
+            f"{r['replica']} in service" +
+            (f", {r['removed']} removed" if r.get("removed") else ""))
+
+
+def cmd_readd(args):
+    return _finish(_start_job(args, "readd", replica=args.replica), args.json,
+                   _describe_fill)
+
+
+def cmd_replace(args):
+    return _finish(_start_job(args, "replace", old=args.old, new=args.new),
+                   args.json, _describe_fill)
+
+
+def cmd_add_replica(args):
+    return _finish(_start_job(args, "add-replica", replica=args.new), args.json,
+                   _describe_fill)
+
+
+def cmd_remove_replica(args):
+    runtime.require_root("quorumblk remove-replica")
+    st = runtime.find(args.dev)
+    res = runtime.request(st["id"], "remove-replica",
+                          args={"replica": args.replica})["result"]
+    print(json.dumps(res, sort_keys=True) if args.json else
+          f"removed {res['removed']} from {st['path']}")
     return 0
 
 

@@ -128,6 +128,7 @@ class Quorum:
         self._opts = opts
         self.size = lib.qb_quorum_size(self._q)
         self.max_io = opts.max_io
+        self.vote_block = opts.vote_block
         self._local = threading.local()
         self._ctxs = []
         self._lock = threading.RLock()
@@ -291,6 +292,31 @@ class Quorum:
                 "replicas": replicas, "counters": device}
 
     # -- metadata (quorumblk.meta builds it; the engine keeps it up to date) --
+    @_guarded
+    def sync(self, offset, length, targets=(), plurality=False, write=True,
+             blind=False):
+        """Resync or scrub [offset, offset + length): vote every block over
+        the in-service replicas and rewrite the losing copies and the
+        `targets` (resyncing replicas) with the winner; user writes to a
+        block wait while it is synced. plurality: a block without quorum
+        takes its largest class; write=False only counts; blind: targets
+        are not read first (every block is copied). Returns counts: blocks,
+        differing, unrecoverable (no quorum, left as is), written, and bad
+        (differing copies per replica)."""
+        self._check_range("sync", offset, length)
+        mask = 0
+        for t in targets:
+            mask |= 1 << t
+        flags = ((lib.QB_SYNC_PLURALITY if plurality else 0) |
+                 (0 if write else lib.QB_SYNC_NO_WRITE) |
+                 (lib.QB_SYNC_BLIND if blind else 0))
+        res = ffi.new("struct qb_sync_result *")
+        raise_for(lib.qb_ctx_sync(self._ctx(), offset, length, mask, flags, res),
+                  lib, ffi)
+        return {"blocks": res.blocks, "differing": res.differing,
+                "unrecoverable": res.unrecoverable, "written": res.written,
+                "bad": list(res.bad)[:len(self.paths)]}
+
     @_guarded
     def set_meta(self, metas, bitmap):
         """Attach each replica's header and the dirty bitmap: from now on

@@ -20,14 +20,16 @@ import threading
 import time
 import warnings
 
-from . import meta, runtime
+from . import lifecycle, meta, runtime
 from .core import Quorum
+from .errors import QuorumError
 from .runtime import CommandError, DaemonError, NoSuchDeviceError, StartError
 
 EVENT_DRAIN_S = 0.2
 CLEAN_EVERY_S = 1.0         # look for idle dirty regions this often
 CLEAN_IDLE_S = 5.0          # a region idle this long goes clean
 RECENT_EVENTS = 100
+LIFECYCLE = ("job", "scrub", "readd", "replace", "add-replica", "remove-replica")
 START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
 DEVICE_MAX_IO = 512 * 1024
 
@@ -134,6 +136,7 @@ class Daemon:
         self.resync = None          # what prepare() did before the start
         self.recovered = False      # serves a device whose daemon died
         self.last_clean = 0.0
+        self.life = lifecycle.Lifecycle(q, self.replicas_changed)
 
     # -- setup --
     def publish(self):
@@ -162,11 +165,27 @@ class Daemon:
         return s
 
     def state(self):
+        states = self.q.replica_states()
         return {"id": self.dev.id, "path": self.dev.path, "pid": os.getpid(),
                 "start_time": runtime.proc_start_time(os.getpid()),
                 "threshold": self.q.threshold, "size": self.q.size,
                 "options": dict(self.engine, **self.devopts),
-                "replicas": self.idents, "created": self.started}
+                "replicas": [ident for ident, st in zip(self.idents, states)
+                             if st != "removed"],
+                "created": self.started}
+
+    def replicas_changed(self):
+        """A replica joined or left (lifecycle): the state file follows, so
+        that other devices see which replicas this one uses."""
+        for p in self.q.paths[len(self.idents):]:
+            self.idents.append(runtime.replica_identity(p))
+        for i, p in enumerate(self.q.paths):
+            if p != self.idents[i]["path"]:
+                self.idents[i] = runtime.replica_identity(p)
+        try:
+            runtime.write_state(self.state())
+        except OSError as e:
+            log(f"writing the state file: {e}")
 
     # -- serving --
     def _on_signal(self, signum, _frame):
@@ -251,7 +270,8 @@ class Daemon:
                 break
             data += chunk
         try:
-            command = json.loads(data).get("command")
+            req = json.loads(data)
+            command = req.get("command")
         except (ValueError, AttributeError):
             return {"ok": False, "error": "bad request"}
         if command == "status":
@@ -260,7 +280,37 @@ class Daemon:
             self.stopping = True
             self.stop_reason = "del"
             return {"ok": True, "stopping": True, "pid": os.getpid()}
+        if command in LIFECYCLE:
+            return self._lifecycle(command, req.get("args") or {})
         return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _lifecycle(self, command, args):
+        """readd, replace, add-replica, remove-replica, scrub, job: the
+        refusals come back with their exit codes."""
+        life = self.life
+        try:
+            if command == "job":
+                job = life.job
+            elif command == "remove-replica":
+                return {"ok": True, "result": life.remove_replica(args["replica"])}
+            elif command == "scrub":
+                job = life.scrub(repair=args.get("repair", True), rate=args.get("rate"))
+            elif command == "readd":
+                job = life.readd(args["replica"], rate=args.get("rate"))
+            elif command == "add-replica":
+                job = life.add_replica(args["replica"], rate=args.get("rate"))
+            else:
+                job = life.replace(args["old"], args["new"], rate=args.get("rate"))
+        except CommandError as e:
+            return {"ok": False, "error": str(e), "exit_code": e.exit_code}
+        except QuorumError as e:
+            return {"ok": False, "error": str(e), "exit_code": lifecycle.REFUSED}
+        except (KeyError, TypeError) as e:
+            return {"ok": False, "error": f"bad request: {e!r}", "exit_code": 2}
+        except OSError as e:
+            return {"ok": False, "error": f"{e.filename or ''} {e.strerror or e}".strip(),
+                    "exit_code": 1}
+        return {"ok": True, "job": job.to_dict() if job else None}
 
     def status(self):
         self.drain_events()
@@ -271,6 +321,7 @@ class Daemon:
                    "uptime_s": round(time.time() - self.started, 3),
                    "events_total": self.events_total,
                    "resync": self.resync,
+                   "job": self.life.job.to_dict() if self.life.job else None,
                    "events": list(self.recent)})
         return st
 

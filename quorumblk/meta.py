@@ -16,10 +16,19 @@ where writes may be in flight, or that a member out of service missed.
     current. A replica that is behind (lower event count, or marked failed
     or resyncing by the current ones) is stale: it resyncs before it votes.
   - some have, some have not: refused; a new replica joins a live device.
+  - a replica that was removed from the set (its own header or the current
+    ones say so) is refused: it missed every write since.
 Then every dirty region is resynced by vote before the device starts: after
 an unclean stop, the regions with writes in flight; for a stale replica,
 also everything written while it was out (bits are never cleared while a
-member is out of service).
+member is out of service). A replica that joined empty (replace,
+add-replica) and had not finished its resync gets the whole device.
+
+The vote of a resync takes the largest class even below the threshold (ties:
+the earliest replica given): a region is dirty only where a write may have
+been in flight, and a write in flight was never acknowledged, so either
+version is a correct result; what matters is that every replica ends up
+with the same one.
 """
 import errno
 import os
@@ -33,8 +42,11 @@ from .runtime import CommandError
 IN_SERVICE = lib.QB_REPLICA_IN_SERVICE
 FAILED = lib.QB_REPLICA_FAILED
 RESYNCING = lib.QB_REPLICA_RESYNCING
+REMOVED = lib.QB_REPLICA_REMOVED
+FULL_SYNC = lib.QB_MEMBER_FULL_SYNC
 STATE_NAMES = {IN_SERVICE: "in-service", FAILED: "failed",
-               RESYNCING: "resyncing"}
+               RESYNCING: "resyncing", REMOVED: "removed"}
+SYNC_STEP = 16 << 20           # bytes per sync call: progress and rate limit
 
 REGION_SHIFT_MIN = 22          # 4 MiB regions ...
 MAX_REGIONS = 1 << 18          # ... or larger, for a bitmap of at most 32 KiB
@@ -112,13 +124,26 @@ class Plan:
         return uuid_text(self.metas[0].set_uuid)
 
     def dirty_regions(self):
-        shift = self.metas[0].region_shift
-        n = self.metas[0].nregions
-        out = []
-        for i in range(n):
-            if self.bitmap[i // 8] & (1 << (i % 8)):
+        return dirty_ranges(self.bitmap, self.metas[0].region_shift,
+                            self.metas[0].nregions, merge=False)
+
+    def full_sync(self):
+        """Stale replicas that joined empty and never finished their
+        resync: they need all of the device."""
+        return [i for i in self.stale
+                if self.metas[i].members[self.metas[i].slot].flags & FULL_SYNC]
+
+
+def dirty_ranges(bitmap, shift, nregions, merge=True):
+    """[(offset, length)] of the set bits; merge joins neighbours."""
+    out = []
+    for i in range(nregions):
+        if bitmap[i // 8] & (1 << (i % 8)):
+            if merge and out and out[-1][0] + out[-1][1] == i << shift:
+                out[-1] = (out[-1][0], out[-1][1] + (1 << shift))
+            else:
                 out.append((i << shift, 1 << shift))
-        return out
+    return out
 
 
 # -- a new set --
@@ -230,10 +255,17 @@ def assemble(paths, threshold, region_shift=None):
         if m.data_size != ref.data_size or m.region_shift != ref.region_shift:
             raise SetError(f"{p}: its metadata disagrees with {paths[ref_i]} "
                            f"on the data size ({m.data_size} vs {ref.data_size})")
-    members = {bytes(ref.members[s].uuid): s for s in range(ref.nmembers)}
+    members = {bytes(ref.members[s].uuid): s for s in range(ref.nmembers)
+               if ref.members[s].state != REMOVED}
     seen = {}
     for p, m in zip(paths, metas):
         rid = bytes(m.replica_uuid)
+        if m.members[m.slot].state == REMOVED:
+            raise SetError(
+                f"{p} (replica {uuid_text(rid)}) was removed from replica set "
+                f"{uuid_text(m.set_uuid)} and missed every write since: refused; "
+                "to use it again, add it to the running device with "
+                "`quorumblk add-replica` (a full resync)")
         if rid not in members:
             raise SetError(
                 f"{p} (replica {uuid_text(rid)}) is no longer a member of set "
@@ -291,38 +323,106 @@ def commit(paths, plan):
         write(p, m, plan.bitmap)
 
 
-def resync(q, plan, progress=None):
-    """Resync the plan's dirty regions by vote before the device serves:
-    current replicas vote (plurality: no version in a dirty region was
-    acknowledged unless all of them have it), stale ones get the result.
-    Returns the report that `status` shows as "resync"."""
-    regions = plan.dirty_regions()
-    stale = plan.stale
-    reason = ("stale-replica" if stale else
-              "unclean-stop" if regions else "none")
-    total = 0
-    counts = {"bad": [0] * len(q.paths), "copied": 0, "unrecoverable": 0}
-    step = q.max_io
-    for off, length in regions:
+def sync_ranges(q, ranges, targets=(), progress=None, **kw):
+    """q.sync over [(offset, length)] in SYNC_STEP pieces, the counts
+    added up. progress(bytes done) is called after each piece."""
+    total = {"bytes": 0, "blocks": 0, "differing": 0, "unrecoverable": 0,
+             "written": 0, "bad": [0] * len(q.paths)}
+    for off, length in ranges:
         end = min(off + length, q.size)
         while off < end:
-            n = min(step, end - off)
-            res = q.sync(off, n, plurality=True, targets=stale)
-            for i, b in enumerate(res["bad"]):
-                counts["bad"][i] += b
-            counts["copied"] += res["copied"]
-            counts["unrecoverable"] += res["unrecoverable"]
+            n = min(SYNC_STEP, end - off)
+            res = q.sync(off, n, targets=targets, **kw)
+            for k in ("blocks", "differing", "unrecoverable", "written"):
+                total[k] += res[k]
+            total["bad"] = [a + b for a, b in zip(total["bad"], res["bad"])]
+            total["bytes"] += n
             off += n
-            total += n
             if progress:
-                progress(total)
+                progress(total["bytes"])
+    return total
+
+
+def resync(q, plan, progress=None):
+    """Resync before the device serves, by vote (plurality: see the
+    module's text): the dirty regions after an unclean stop, and what stale
+    replicas missed (they get the result). Returns the report that `status`
+    shows as "resync"."""
+    stale = plan.stale
+    whole = bool(plan.full_sync())
+    regions = [(0, q.size)] if whole else plan.dirty_regions()
+    reason = ("stale-replica" if stale else
+              "unclean-stop" if regions else "none")
+    ranges = regions if whole else dirty_ranges(
+        plan.bitmap, plan.metas[0].region_shift, plan.metas[0].nregions)
+    res = sync_ranges(q, ranges, targets=stale, progress=progress,
+                      plurality=True)
     q.resynced()
     for i in stale:
         q.set_state(i, "in-service")
-    return {"reason": reason, "regions": len(regions), "bytes": total,
-            "size": q.size, "done": True,
+    return {"reason": reason, "regions": len(regions), "bytes": res["bytes"],
+            "size": q.size, "done": True, "whole": whole,
             "stale": [q.paths[i] for i in stale],
             "missing": [str(uuid.UUID(bytes=u)) for u in plan.missing],
-            "differing_blocks": counts["bad"],
-            "copied_blocks": counts["copied"],
-            "unrecoverable_blocks": counts["unrecoverable"]}
+            "differing_blocks": res["bad"],
+            "copied_blocks": res["written"],
+            "unrecoverable_blocks": res["unrecoverable"]}
+
+
+# -- a replica that joins a running set --
+
+def _removed_or_bare(path, set_uuid):
+    """A replica may join empty if it has no metadata, or was removed from
+    this very set; anything else on it is refused, never overwritten."""
+    try:
+        m, _ = read(path)
+    except SetError as e:
+        raise SetError(f"{e}; refusing to overwrite it")
+    if m is None:
+        return
+    if bytes(m.set_uuid) != set_uuid:
+        raise SetError(
+            f"{path} belongs to replica set {uuid_text(m.set_uuid)}: refused (its "
+            "data is not overwritten; remove its metadata first, e.g. truncate "
+            "an image file to its data size)")
+    if m.members[m.slot].state != REMOVED:
+        raise SetError(f"{path} is a member of this set already (replica "
+                       f"{uuid_text(m.replica_uuid)}): use `quorumblk readd`")
+
+
+def new_member(ref, members, path):
+    """Make path a new, empty member of the set whose current header is ref
+    and whose members are `members` (a list of (uuid, state) per slot):
+    grow an image file for the metadata, write its header (RESYNCING, the
+    whole device stale) and a clear bitmap. Returns the header."""
+    _removed_or_bare(path, bytes(ref.set_uuid))
+    size, is_blk = _size(path)
+    need = ref.data_size + lib.qb_meta_overhead(ref.data_size, ref.region_shift)
+    if size < ref.data_size or (is_blk and size < need):
+        raise SetError(f"{path}: {size} bytes, too small for this device "
+                       f"({ref.data_size} bytes of data and "
+                       f"{need - ref.data_size} of metadata)")
+    if not is_blk and size < need:
+        try:
+            os.truncate(path, need)
+        except OSError as e:
+            raise SetError(f"{path}: cannot grow it to {need} bytes for quorumblk's "
+                           f"metadata: {e.strerror}")
+        size = need
+    free = [s for s, (_, st) in enumerate(members) if st == REMOVED]
+    slot = free[0] if free else len(members)
+    if slot >= lib.QB_MAX_REPLICAS:
+        raise SetError(f"{path}: the set has {slot} members, its most")
+    m = _copy(ref)
+    m.replica_uuid = list(uuid.uuid4().bytes)
+    m.replica_size = size
+    m.slot = slot
+    m.nmembers = max(len(members), slot + 1)
+    for s, (u, st) in enumerate(members):
+        m.members[s].uuid = list(u)
+        m.members[s].state = st
+    m.members[slot].uuid = list(bytes(m.replica_uuid))
+    m.members[slot].state = RESYNCING
+    m.members[slot].flags = FULL_SYNC
+    write(path, m, bytes(lib.qb_meta_bitmap_bytes(m.nregions)))
+    return m

@@ -62,7 +62,7 @@ class NoSuchDeviceError(CommandError):
 class NotRecoverableError(CommandError):
     """the device cannot be recovered (its daemon runs, or the kernel does
     not hold it quiesced)."""
-    exit_code = 11
+    exit_code = 13
 
 
 class DaemonError(CommandError):
@@ -312,14 +312,15 @@ class AddLock:
 
 # -- the control socket protocol: one JSON request line, one JSON answer --
 
-def request(dev_id, command, timeout=CONTROL_TIMEOUT):
+def request(dev_id, command, timeout=CONTROL_TIMEOUT, args=None):
     path = sock_path(dev_id)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:
             s.connect(path)
-            s.sendall(json.dumps({"command": command}).encode() + b"\n")
+            s.sendall(json.dumps({"command": command, "args": args or {}}).encode()
+                      + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
@@ -339,7 +340,10 @@ def request(dev_id, command, timeout=CONTROL_TIMEOUT):
     except ValueError:
         raise DaemonError(f"device {dev_id}: bad answer on {path}: {data[:200]!r}")
     if not answer.get("ok"):
-        raise DaemonError(f"device {dev_id}: {answer.get('error', 'request failed')}")
+        message = f"device {dev_id}: {answer.get('error', 'request failed')}"
+        if answer.get("exit_code"):     # the daemon refused: its reason
+            raise CommandError(message, exit_code=answer["exit_code"])
+        raise DaemonError(message)
     return answer
 
 

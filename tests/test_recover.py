@@ -34,7 +34,7 @@ def test_recover_help_and_usage():
         assert word in p.stdout
     p = qb("recover")
     assert p.returncode == 2 and "DEV" in p.stderr
-    assert "11 not recoverable" in qb("--help").stdout
+    assert "13 not recoverable" in qb("--help").stdout
 
 
 def test_recover_not_root_is_a_clear_error(rundir, monkeypatch, capsys):
@@ -57,7 +57,7 @@ def test_recover_of_an_unknown_device(name, expect, rundir, nodes):
 def test_recover_refuses_while_the_daemon_lives(reps, devices, rundir):
     info = devices("-t", "2", *reps)
     p = qb("recover", info["id"], fake=True)
-    assert p.returncode == 11, p.stderr
+    assert p.returncode == 13, p.stderr
     assert p.stderr.strip() == (f"quorumblk: quorumblk device {info['id']}: its daemon "
                                 f"(pid {info['pid']}) is alive: nothing to recover")
     s = json.loads(qb("status", "--json", info["id"], fake=True).stdout)
@@ -88,7 +88,7 @@ def test_recover_after_kill_9(reps, devices, rundir):
     assert "recovered" in (rundir / f"{info['id']}.log").read_text()
     assert sha(reps) == data
     p = qb("recover", info["id"], fake=True)
-    assert p.returncode == 11 and "is alive" in p.stderr
+    assert p.returncode == 13 and "is alive" in p.stderr
     p = qb("del", info["id"], fake=True)
     assert p.returncode == 0, p.stderr
     assert not alive(new["pid"]) and not os.path.exists(info["path"])
@@ -117,7 +117,7 @@ def test_a_device_made_without_user_recovery_is_not_recoverable(reps, devices, r
     (entry,) = json.loads(qb("list", "--json", fake=True).stdout)
     assert entry["state"] == "orphaned" and "without user recovery" in entry["error"]
     p = qb("recover", info["id"], fake=True)
-    assert p.returncode == 11, p.stderr
+    assert p.returncode == 13, p.stderr
     assert f"device {info['id']} cannot be recovered" in p.stderr
     assert qb("del", info["id"], fake=True).returncode == 0
 
@@ -129,7 +129,7 @@ def test_a_replica_swapped_under_its_name_is_refused(reps, devices, rundir, tmp_
     shutil.copyfile(reps[2], copy)
     os.replace(copy, reps[2])
     p = qb("recover", info["id"], fake=True)
-    assert p.returncode == 11, p.stderr
+    assert p.returncode == 13, p.stderr
     assert f"{reps[2]} is not the replica the device had" in p.stderr
     (entry,) = json.loads(qb("list", "--json", fake=True).stdout)
     assert entry["state"] == "quiesced" and entry["pid"] == info["pid"]

@@ -218,7 +218,7 @@ def test_io_issued_while_quiesced_waits_and_completes_after_recover(images, cli)
 def test_recover_refuses_while_the_daemon_lives(images, cli):
     info = cli("-t", "2", *images(3, 16 << 20))
     p = qb("recover", info["id"])
-    assert p.returncode == 11, p.stderr
+    assert p.returncode == 13, p.stderr
     assert f"its daemon (pid {info['pid']}) is alive" in p.stderr
     k = kernel_state(info["id"])
     assert k["state"] == "live" and k["pid"] == info["pid"]

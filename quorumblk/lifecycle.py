@@ -1,0 +1,299 @@
+"""Changes to a running device's replica set, and scrub: what the daemon does
+for `readd`, `replace`, `add-replica`, `remove-replica` and `scrub` while the
+device keeps serving.
+
+Each long operation is a Job that runs in a thread of its own (with its own
+engine context) and syncs the device through the vote (Quorum.sync): user
+writes go on meanwhile, reach a joining replica too, and wait only while
+the few blocks being synced are held. One job runs at a time; the checks that
+can refuse an operation happen before it starts, so the command gets its
+error at once.
+
+  readd DEV REPLICA       a member that failed comes back: it is attached,
+                          gets every write from then on, and gets what the
+                          bitmap says it missed (all of it, if it had joined
+                          empty and never finished), then votes again.
+  add-replica DEV NEW     an empty image joins as a new member: all of the
+                          device is copied to it (its old contents are not
+                          read).
+  replace DEV OLD NEW     add-replica NEW, then remove OLD: the set never
+                          has fewer copies than before while NEW fills.
+  remove-replica DEV R    R leaves the set (never below threshold).
+  scrub DEV               every block is read from every in-service replica
+                          and voted; losing copies are rewritten (or, with
+                          repair off, only counted).
+"""
+import os
+import threading
+import time
+
+from . import meta, runtime
+from .runtime import CommandError
+
+REFUSED = 10                    # the replicas were refused (cli's exit codes)
+
+
+class LifecycleError(CommandError):
+    """the replica set cannot be changed that way."""
+    exit_code = REFUSED
+
+
+class BusyError(CommandError):
+    """another job runs on this device."""
+    exit_code = 11
+
+
+class Job:
+    """One long operation and its progress, as `status` and the commands
+    that follow it see it."""
+
+    def __init__(self, kind, total, what, rate=None):
+        self.kind = kind
+        self.what = what            # a line for people
+        self.total = total          # bytes to go through
+        self.done = 0
+        self.rate = rate            # bytes per second at most, or None
+        self.state = "running"
+        self.error = None
+        self.result = None
+        self.started = time.time()
+        self.ended = None
+        self._t0 = time.monotonic()
+
+    def progress(self, done):
+        self.done = done
+        if self.rate:
+            ahead = done / self.rate - (time.monotonic() - self._t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def to_dict(self):
+        end = self.ended or time.time()
+        secs = max(end - self.started, 1e-6)
+        return {"kind": self.kind, "what": self.what, "state": self.state,
+                "done_bytes": self.done, "total_bytes": self.total,
+                "percent": round(100.0 * self.done / self.total, 1) if self.total else 100.0,
+                "bytes_per_s": int(self.done / secs), "rate_limit": self.rate,
+                "started": self.started, "ended": self.ended,
+                "seconds": round(secs, 3), "error": self.error, "result": self.result}
+
+
+class Lifecycle:
+    """The replica set of one served Quorum (with metadata). changed() is
+    called whenever the set changed (the daemon rewrites its state file)."""
+
+    def __init__(self, q, changed=lambda: None):
+        self.q = q
+        self.changed = changed
+        self.job = None
+        self._lock = threading.Lock()
+
+    # -- looking things up --
+    def replica(self, name):
+        """A replica given as its index or a path naming it."""
+        paths = self.q.paths
+        states = self.q.replica_states()
+        text = str(name)
+        if text.isdigit() and int(text) < len(paths):
+            i = int(text)
+        else:
+            i = self._by_path(text)
+        if i is None or states[i] == "removed":
+            raise LifecycleError(
+                f"{name} is not a replica of this device (replicas: " +
+                ", ".join(f"{i} {p}" for i, (p, st) in enumerate(zip(paths, states))
+                          if st != "removed") + ")")
+        return i
+
+    def _by_path(self, path):
+        try:
+            mine = runtime.replica_identity(path)
+        except OSError:
+            mine = None
+        for i, p in enumerate(self.q.paths):
+            if p == path or p == os.path.abspath(path):
+                return i
+            try:
+                if mine and runtime.same_replica(mine, runtime.replica_identity(p)):
+                    return i
+            except OSError:
+                continue
+        return None
+
+    def _ref(self):
+        """The header of an in-service replica: the set as it is now."""
+        states = self.q.replica_states()
+        for i, st in enumerate(states):
+            if st == "in-service":
+                return self.q.header(i)
+        raise LifecycleError("no replica is in service")
+
+    def _members(self, ref):
+        return [(bytes(ref.members[s].uuid), ref.members[s].state)
+                for s in range(ref.nmembers)]
+
+    def _in_service(self):
+        return sum(st == "in-service" for st in self.q.replica_states())
+
+    # -- jobs --
+    def _run(self, job, work):
+        """Start job in a thread: work() returns its result."""
+        with self._lock:
+            if self.job is not None and self.job.state == "running":
+                raise BusyError(f"a {self.job.kind} runs on this device "
+                                f"({self.job.to_dict()['percent']}%): wait for it")
+            self.job = job
+
+        def body():
+            try:
+                job.result = work()
+                job.state = "done"
+            except Exception as e:  # reported through the job, never lost
+                job.error = str(e)
+                job.state = "failed"
+            finally:
+                job.ended = time.time()
+                self.changed()
+
+        threading.Thread(target=body, name=f"quorumblk-{job.kind}",
+                         daemon=True).start()
+        return job
+
+    def _check_idle(self):
+        if self.job is not None and self.job.state == "running":
+            raise BusyError(f"a {self.job.kind} runs on this device: wait for it")
+
+    def scrub(self, repair=True, rate=None):
+        q = self.q
+        job = Job("scrub", q.size, "scrub" + ("" if repair else " (report only)"),
+                  rate)
+
+        def work():
+            res = meta.sync_ranges(q, [(0, q.size)], progress=job.progress,
+                                   write=repair)
+            return {"blocks_checked": res["blocks"],
+                    "bad_blocks": {q.paths[i]: n for i, n in enumerate(res["bad"]) if n},
+                    "bad_blocks_per_replica": res["bad"],
+                    "repaired": res["written"],
+                    "unrecoverable": res["unrecoverable"],
+                    "repair": repair}
+        return self._run(job, work)
+
+    def _fill(self, job, r, ranges, blind):
+        """Sync ranges onto the resyncing replica r, then put it in service."""
+        q = self.q
+        res = meta.sync_ranges(q, ranges, targets=[r], progress=job.progress,
+                               blind=blind)
+        if q.replica_states()[r] != "resyncing":
+            raise LifecycleError(f"{q.paths[r]} failed during its resync "
+                                 f"(state {q.replica_states()[r]}); nothing changed "
+                                 "for the others")
+        q.set_state(r, "in-service")
+        self.changed()
+        return {"replica": q.paths[r], "index": r, "checked_bytes": res["bytes"],
+                "copied_blocks": res["bad"][r],
+                "copied_bytes": res["bad"][r] * q.vote_block,
+                "size": q.size}
+
+    def readd(self, name, rate=None):
+        """A member that left service comes back (the same replica, maybe
+        under another path)."""
+        self._check_idle()
+        q = self.q
+        ident = self._path_of(name)
+        m, _ = meta.read(ident)
+        if m is None:
+            raise LifecycleError(f"{ident} has no quorumblk metadata: it is not a "
+                                 "member of this set (add it with `quorumblk add-replica`)")
+        ref = self._ref()
+        members = self._members(ref)
+        rid = bytes(m.replica_uuid)
+        slots = [s for s, (u, st) in enumerate(members) if u == rid and st != meta.REMOVED]
+        if bytes(m.set_uuid) != bytes(ref.set_uuid) or not slots:
+            raise LifecycleError(
+                f"{ident} (replica {meta.uuid_text(rid)} of set "
+                f"{meta.uuid_text(m.set_uuid)}) is not a member of this device's "
+                f"set {meta.uuid_text(ref.set_uuid)}: refused")
+        full = bool(ref.members[slots[0]].flags & meta.FULL_SYNC)
+        self._check_free(ident)
+        r = q.attach(ident, m)
+        self.changed()
+        shift, n = ref.region_shift, ref.nregions
+        ranges = ([(0, q.size)] if full else
+                  meta.dirty_ranges(q.bitmap(), shift, n))
+        total = sum(min(o + l, q.size) - o for o, l in ranges)
+        job = Job("readd", total, f"readd {ident}", rate)
+        return self._run(job, lambda: self._fill(job, r, ranges, blind=full))
+
+    def add_replica(self, path, rate=None, then=None):
+        """An empty image joins: all of the device is copied to it."""
+        self._check_idle()
+        q = self.q
+        path = os.path.abspath(path)
+        if self._by_path(path) is not None and \
+                q.replica_states()[self._by_path(path)] != "removed":
+            raise LifecycleError(f"{path} is already a replica of this device")
+        self._check_free(path)
+        ref = self._ref()
+        m = meta.new_member(ref, self._members(ref), path)
+        r = q.attach(path, m)
+        self.changed()
+        job = Job("replace" if then else "add-replica", q.size,
+                  f"{'replace' if then else 'add-replica'} {path}", rate)
+
+        def work():
+            res = self._fill(job, r, [(0, q.size)], blind=True)
+            if then:
+                res.update(then())
+            return res
+        return self._run(job, work)
+
+    def replace(self, old, new, rate=None):
+        i = self.replica(old)
+        old_path = self.q.paths[i]
+        return self.add_replica(
+            new, rate, then=lambda: {"removed": self._remove(i, old_path)["removed"]})
+
+    def remove_replica(self, name):
+        self._check_idle()
+        i = self.replica(name)
+        return self._remove(i, self.q.paths[i])
+
+    def _remove(self, i, path):
+        q = self.q
+        left = self._in_service() - (q.replica_states()[i] == "in-service")
+        if left < q.threshold:
+            raise LifecycleError(
+                f"removing {path} would leave {left} replicas in service, below "
+                f"the threshold {q.threshold}: refused")
+        q.set_state(i, "removed")
+        self.changed()
+        return {"removed": path, "index": i}
+
+    # -- helpers --
+    def _path_of(self, name):
+        """The path to open for a readd: a path as given, or the path the
+        replica had (by index)."""
+        text = str(name)
+        if text.isdigit() and int(text) < len(self.q.paths) and not os.path.exists(text):
+            return self.q.paths[int(text)]
+        if not os.path.exists(text):
+            raise LifecycleError(f"{text}: no such file or device")
+        return os.path.abspath(text)
+
+    def _check_free(self, path):
+        try:
+            ident = runtime.replica_identity(path)
+        except OSError as e:
+            raise LifecycleError(f"{path}: {e.strerror}")
+        clashes = [c for c in runtime.replicas_in_use([ident])
+                   if not self._mine(c[2])]
+        if clashes:
+            _p, other, theirs = clashes[0]
+            raise runtime.ReplicaInUseError(
+                f"replica {path} is already used by quorumblk device {other} "
+                f"as {theirs}")
+
+    def _mine(self, path):
+        return self._by_path(path) is not None
+
