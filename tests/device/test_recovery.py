@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from quorumblk import runtime
+
 from conftest import Served, run, wait_gone
 
 from test_cli import QB, alive, cli, qb, wait_dead  # noqa: F401
@@ -63,18 +65,20 @@ def data_identical(paths, size):
 
 
 def fio_verify(path, seed):
-    """Random 4 KiB writes, then a verify pass (crc32c), in the background."""
+    """Random 4 KiB writes (each block of 32 MiB once), then a verify pass
+    (crc32c), in the background. The rate cap makes the write phase last at
+    least 8 s however fast the machine, so that a crash lands in it."""
     return subprocess.Popen(
         ["fio", "--name=crash", f"--filename={path}", "--direct=1",
          "--ioengine=libaio", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-         "--size=32m", "--io_size=48m", f"--randseed={seed}",
+         "--size=32m", "--rate_iops=1000", f"--randseed={seed}",
          "--allow_file_create=0", "--verify=crc32c", "--verify_fatal=1",
          "--do_verify=1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         cwd=tempfile.gettempdir())
 
 
-def wait_writes(fio, writes, minimum=1000, timeout=120):
+def wait_writes(fio, writes, minimum=300, timeout=120):
     """Wait until writes() (the device's write count) reaches minimum while
     fio still runs."""
     end = time.monotonic() + timeout
@@ -150,8 +154,8 @@ def test_kill_9_during_fio_verify_then_recover(images, cli):
     info = cli("-t", "2", *paths)
     fio = fio_verify(info["path"], 99)
     try:
-        wait_writes(fio, lambda: json.loads(
-            qb("status", "--json", info["id"]).stdout)["counters"]["writes"])
+        wait_writes(fio, lambda: runtime.request(info["id"], "status")
+                    ["status"]["counters"]["writes"])
         crash(info)
         (mine,) = [d for d in json.loads(qb("list", "--json").stdout)
                    if d["id"] == info["id"]]
