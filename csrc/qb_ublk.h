@@ -8,6 +8,11 @@
  *   qb_dev_start()   ADD_DEV, SET_PARAMS, one thread per hardware queue
  *                    (each with its own engine context), START_DEV; returns
  *                    once /dev/ublkbN is LIVE, or tears everything down.
+ *   qb_dev_recover() for a device made with QB_DEV_USER_RECOVERY whose
+ *                    server died (the kernel holds it QUIESCED): a new
+ *                    server for it in this process, queue threads as in
+ *                    qb_dev_start(); returns once it is LIVE again. On a
+ *                    failure the device stays QUIESCED (not deleted).
  *   qb_dev_wait()    sleeps until a queue loop ends (the device was stopped
  *                    or deleted from outside, or a queue failed).
  *   qb_dev_stop()    STOP_DEV while the queues serve, join, DEL_DEV, free.
@@ -66,6 +71,10 @@ int qb_ublk_del(int32_t dev_id);
 
 int qb_dev_start(struct qb_quorum *q, const struct qb_dev_params *p,
 		 struct qb_dev **out);
+/* params: logical_bs must match the device's (0: take it); queues and depth
+ * are the kernel's. Waits (bounded) for the kernel to quiesce the device. */
+int qb_dev_recover(struct qb_quorum *q, int32_t dev_id,
+		   const struct qb_dev_params *params, struct qb_dev **out);
 int32_t qb_dev_id(const struct qb_dev *d);
 /* The parameters in effect (the kernel may lower queues and max_io). */
 void qb_dev_get_info(const struct qb_dev *d, struct qb_dev_info *out);

@@ -20,6 +20,13 @@
  * queue threads fetch every tag, START_DEV (waits for the fetches). Any
  * failure unwinds all of it. Stop: STOP_DEV while the queues serve, the
  * fetches end with ABORT, join, close every reference, DEL_DEV.
+ *
+ * Recovery (devices made with UBLK_F_USER_RECOVERY, whose server died: the
+ * kernel holds them QUIESCED, new I/O waits and, with _REISSUE, what the
+ * dead server had taken is requeued): START_USER_RECOVERY, then the same
+ * server half as a start (open /dev/ublkcN, queue threads fetch every tag)
+ * ending in END_USER_RECOVERY instead of START_DEV. No ADD_DEV, no
+ * SET_PARAMS: the kernel keeps the device and its parameters.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +51,8 @@
 #define QB_CDEV_OPEN_MS 3000		/* wait for /dev/ublkcN to appear */
 #define QB_START_POLL_MS 50		/* START_DEV: look for queue errors */
 #define QB_ABORT_WAIT_MS 3000		/* after STOP_DEV: wait for ABORTs */
+#define QB_RECOVER_WAIT_MS 20000	/* for the kernel to quiesce a dead server's device */
+#define QB_RECOVER_POLL_MS 50
 
 /* user_data of the queue's own SQEs: QB_UD_FOREIGN | kind << 32 | tag */
 enum ud_kind { UD_CMD = 0, UD_WAKE = 1 };
@@ -502,21 +511,26 @@ static int dev_start_queues(struct qb_dev *dev)
 	return 0;
 }
 
-static int dev_queue_error(struct qb_dev *dev, int fallback)
+static int dev_queue_error(struct qb_dev *dev, uint32_t op, int fallback)
 {
 	for (uint32_t i = 0; i < dev->nr_queues; i++)
 		if (dev->queue[i].err)
 			return qb_err(-dev->queue[i].err, QB_ERR_OTHER, "%s",
 				      dev->queue[i].msg);
-	return qb_err(-fallback, QB_ERR_OTHER, "ublk device %d: START_DEV: %s",
-		      dev->id, strerror(-fallback));
+	return qb_err(-fallback, QB_ERR_OTHER, "ublk device %d: %s: %s",
+		      dev->id, qb_ctrl_name(op), strerror(-fallback));
 }
 
-static int dev_start(struct qb_dev *dev)
+/*
+ * START_DEV (a new device) or END_USER_RECOVERY (a recovered one), with
+ * data[0] = this pid: both wait until every queue has fetched every tag,
+ * then the device is LIVE with this process as its server. A queue that
+ * fails meanwhile aborts the wait.
+ */
+static int dev_go_live(struct qb_dev *dev, uint32_t op)
 {
 	struct qb_ctrl_req r = {
-		.op = UBLK_U_CMD_START_DEV, .dev_id = dev->id,
-		.data0 = (uint64_t)getpid(),
+		.op = op, .dev_id = dev->id, .data0 = (uint64_t)getpid(),
 	};
 	int ret;
 
@@ -526,9 +540,24 @@ static int dev_start(struct qb_dev *dev)
 	} while (ret == -EINTR &&
 		 !__atomic_load_n(&dev->setup_failed, __ATOMIC_ACQUIRE));
 	if (ret < 0)
-		return dev_queue_error(dev, ret);
+		return dev_queue_error(dev, op, ret);
 	dev->started = true;
 	return 0;
+}
+
+/* The server's half of a bring-up, shared by start and recovery: open
+ * /dev/ublkcN, start the queue threads (each fetches every tag), go live. */
+static int dev_serve(struct qb_dev *dev, uint32_t op)
+{
+	int ret;
+
+	ret = dev_open_cdev(dev);
+	if (ret < 0)
+		return ret;
+	ret = dev_start_queues(dev);
+	if (ret < 0)
+		return ret;
+	return dev_go_live(dev, op);
 }
 
 /* ---- tear-down ---- */
@@ -692,19 +721,196 @@ int qb_dev_start(struct qb_quorum *q, const struct qb_dev_params *params,
 	ret = dev_set_params(dev);
 	if (ret < 0)
 		goto fail;
-	ret = dev_open_cdev(dev);
-	if (ret < 0)
-		goto fail;
-	ret = dev_start_queues(dev);
-	if (ret < 0)
-		goto fail;
-	ret = dev_start(dev);
+	ret = dev_serve(dev, UBLK_U_CMD_START_DEV);
 	if (ret < 0)
 		goto fail;
 	*out = dev;
 	return 0;
 fail:
 	dev_teardown(dev);	/* keeps the first error's message */
+	return ret;
+}
+
+/* ---- recovery: a new server for a device whose server died ---- */
+
+static const char *state_name(uint32_t state)
+{
+	switch (state) {
+	case UBLK_S_DEV_DEAD: return "dead (not started)";
+	case UBLK_S_DEV_LIVE: return "LIVE";
+	case UBLK_S_DEV_QUIESCED: return "QUIESCED";
+	case UBLK_S_DEV_FAIL_IO: return "FAIL_IO";
+	default: return "in an unknown state";
+	}
+}
+
+/* Whether pid runs (a zombie does not: it has closed its files). */
+static bool pid_running(int32_t pid)
+{
+	char path[64], buf[512], *p;
+	ssize_t n;
+	int fd;
+
+	if (pid <= 0)
+		return false;
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return false;
+	buf[n] = 0;
+	p = strrchr(buf, ')');
+	return !p || (p[1] && p[2] != 'Z' && p[2] != 'X');
+}
+
+/*
+ * Check the kernel's device against the quorum and the parameters, and take
+ * its queues and depth (the kernel's are the ones the device has).
+ */
+static int recover_params(struct qb_quorum *q, int32_t dev_id,
+			  const struct ublksrv_ctrl_dev_info *info,
+			  struct qb_dev_params *p)
+{
+	struct qb_options o;
+	struct ublk_params kp;
+	uint32_t kbs;
+	int ret;
+
+	if (!(info->flags & UBLK_F_USER_RECOVERY))
+		return qb_err(EOPNOTSUPP, QB_ERR_INVALID,
+			      "ublk device %d was created without user recovery: it cannot be recovered",
+			      dev_id);
+	if (!info->nr_hw_queues || info->nr_hw_queues > 64 ||
+	    !info->queue_depth || info->queue_depth > UBLK_MAX_QUEUE_DEPTH)
+		return qb_err(EPROTO, QB_ERR_OTHER,
+			      "ublk device %d: the kernel reports %u queues of depth %u",
+			      dev_id, info->nr_hw_queues, info->queue_depth);
+	ret = qb_ctrl_get_params(dev_id, &kp);
+	if (ret < 0)
+		return *qb_last_error() ? ret :
+		       qb_err(-ret, QB_ERR_OTHER, "ublk device %d: GET_PARAMS: %s",
+			      dev_id, strerror(-ret));
+	if (!(kp.types & UBLK_PARAM_TYPE_BASIC))
+		return qb_err(EPROTO, QB_ERR_OTHER,
+			      "ublk device %d has no parameters", dev_id);
+	kbs = 1u << kp.basic.logical_bs_shift;
+	if (!p->logical_bs)
+		p->logical_bs = kbs;
+	p->dev_id = dev_id;
+	p->queues = info->nr_hw_queues;
+	p->depth = info->queue_depth;
+	p->flags |= QB_DEV_USER_RECOVERY;
+	ret = params_check(q, p);
+	if (ret < 0)
+		return ret;
+	qb_quorum_get_options(q, &o);
+	if (kp.basic.dev_sectors != qb_quorum_size(q) >> 9)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "ublk device %d has %llu bytes, the replicas %llu: not this quorum's device",
+			      dev_id, (unsigned long long)kp.basic.dev_sectors << 9,
+			      (unsigned long long)qb_quorum_size(q));
+	if (kbs != p->logical_bs)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "ublk device %d has %u-byte blocks, not %u",
+			      dev_id, kbs, p->logical_bs);
+	if ((uint64_t)kp.basic.max_sectors << 9 > o.max_io)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "ublk device %d takes requests of up to %u bytes, above the quorum's max_io %u",
+			      dev_id, kp.basic.max_sectors << 9, o.max_io);
+	return 0;
+}
+
+/*
+ * Wait (bounded) until the kernel holds the device QUIESCED and the dead
+ * server's /dev/ublkcN is released (its ring goes away asynchronously:
+ * START_USER_RECOVERY says EBUSY until then), then START_USER_RECOVERY.
+ */
+static int dev_begin_recovery(struct qb_dev *dev)
+{
+	struct qb_ctrl_req r = {
+		.op = UBLK_U_CMD_START_USER_RECOVERY, .dev_id = dev->id,
+	};
+	struct ublksrv_ctrl_dev_info info;
+	int waited = 0, ret;
+
+	for (;;) {
+		ret = qb_ctrl_dev_info(dev->id, &info);
+		if (ret < 0)
+			return ret;
+		if (info.state == UBLK_S_DEV_QUIESCED) {
+			ret = qb_ctrl_cmd(&r);
+			if (ret != -EBUSY)
+				break;
+		} else if (info.state != UBLK_S_DEV_LIVE) {
+			return qb_err(EINVAL, QB_ERR_INVALID,
+				      "ublk device %d is %s, not QUIESCED: it cannot be recovered",
+				      dev->id, state_name(info.state));
+		} else if (pid_running(info.ublksrv_pid)) {
+			return qb_err(EBUSY, QB_ERR_INVALID,
+				      "ublk device %d is LIVE, served by pid %d: nothing to recover",
+				      dev->id, info.ublksrv_pid);
+		}
+		if (waited >= QB_RECOVER_WAIT_MS)
+			return qb_err(EBUSY, QB_ERR_OTHER,
+				      "ublk device %d: still %s %d s after its server (pid %d) died%s",
+				      dev->id, state_name(info.state),
+				      QB_RECOVER_WAIT_MS / 1000, info.ublksrv_pid,
+				      info.state == UBLK_S_DEV_QUIESCED ?
+				      ", and /dev/ublkc is still open" : "");
+		usleep(QB_RECOVER_POLL_MS * 1000);
+		waited += QB_RECOVER_POLL_MS;
+	}
+	if (ret < 0 && !*qb_last_error())
+		return qb_err(-ret, QB_ERR_OTHER,
+			      "ublk device %d: START_USER_RECOVERY: %s", dev->id,
+			      strerror(-ret));
+	return ret < 0 ? ret : 0;
+}
+
+int qb_dev_recover(struct qb_quorum *q, int32_t dev_id,
+		   const struct qb_dev_params *params, struct qb_dev **out)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct qb_dev_params p = *params;
+	struct qb_dev *dev;
+	int ret;
+
+	qb_err_clear();
+	*out = NULL;
+	if (dev_id < 0)
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "device id %d: recovery needs the id of a device",
+			      dev_id);
+	ret = qb_ctrl_dev_info(dev_id, &info);
+	if (ret < 0)
+		return ret;
+	ret = recover_params(q, dev_id, &info, &p);
+	if (ret < 0)
+		return ret;
+	dev = dev_alloc(q, &p);
+	if (!dev)
+		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
+	dev->info = info;
+	dev_queues_init(dev);
+	/*
+	 * Until it is LIVE the device is not ours to stop or delete: a
+	 * failure below leaves it QUIESCED (I/O waits) for another try, or
+	 * for `del`. Once LIVE, qb_dev_stop() stops and deletes it as usual.
+	 */
+	ret = dev_begin_recovery(dev);
+	if (ret < 0)
+		goto fail;
+	ret = dev_serve(dev, UBLK_U_CMD_END_USER_RECOVERY);
+	if (ret < 0)
+		goto fail;
+	dev->added = true;
+	*out = dev;
+	return 0;
+fail:
+	dev_teardown(dev);
 	return ret;
 }
 

@@ -32,6 +32,8 @@ const char *qb_ctrl_name(uint32_t op)
 	case UBLK_CMD_SET_PARAMS: return "SET_PARAMS";
 	case UBLK_CMD_GET_PARAMS: return "GET_PARAMS";
 	case UBLK_CMD_GET_FEATURES: return "GET_FEATURES";
+	case UBLK_CMD_START_USER_RECOVERY: return "START_USER_RECOVERY";
+	case UBLK_CMD_END_USER_RECOVERY: return "END_USER_RECOVERY";
 	default: return "command";
 	}
 }
@@ -186,7 +188,7 @@ int qb_ublk_features(uint64_t *out)
 	return ret < 0 ? ret : 0;
 }
 
-static int get_params(int32_t dev_id, struct ublk_params *p)
+int qb_ctrl_get_params(int32_t dev_id, struct ublk_params *p)
 {
 	struct qb_ctrl_req r = {
 		.op = UBLK_U_CMD_GET_PARAMS, .dev_id = dev_id,
@@ -198,27 +200,34 @@ static int get_params(int32_t dev_id, struct ublk_params *p)
 	return qb_ctrl_cmd(&r);
 }
 
+int qb_ctrl_dev_info(int32_t dev_id, struct ublksrv_ctrl_dev_info *info)
+{
+	struct qb_ctrl_req r = {
+		.op = UBLK_U_CMD_GET_DEV_INFO, .dev_id = dev_id,
+		.buf = info, .len = sizeof(*info),
+	};
+	int ret;
+
+	memset(info, 0, sizeof(*info));
+	ret = qb_ctrl_cmd(&r);
+	if (ret < 0 && !*qb_last_error())
+		return qb_err(-ret, ret == -ENODEV ? QB_ERR_INVALID : QB_ERR_OTHER,
+			      "ublk device %d: GET_DEV_INFO: %s", dev_id,
+			      ret == -ENODEV ? "no such device" : strerror(-ret));
+	return ret < 0 ? ret : 0;
+}
+
 int qb_ublk_dev_info(int32_t dev_id, struct qb_dev_info *out)
 {
 	struct ublksrv_ctrl_dev_info info;
 	struct ublk_params p;
-	struct qb_ctrl_req r = {
-		.op = UBLK_U_CMD_GET_DEV_INFO, .dev_id = dev_id,
-		.buf = &info, .len = sizeof(info),
-	};
 	int ret;
 
 	qb_err_clear();
 	memset(out, 0, sizeof(*out));
-	memset(&info, 0, sizeof(info));
-	ret = qb_ctrl_cmd(&r);
-	if (ret < 0) {
-		if (*qb_last_error())
-			return ret;
-		return qb_err(-ret, ret == -ENODEV ? QB_ERR_INVALID : QB_ERR_OTHER,
-			      "ublk device %d: GET_DEV_INFO: %s", dev_id,
-			      ret == -ENODEV ? "no such device" : strerror(-ret));
-	}
+	ret = qb_ctrl_dev_info(dev_id, &info);
+	if (ret < 0)
+		return ret;
 	out->dev_id = (int32_t)info.dev_id;
 	out->pid = info.ublksrv_pid;
 	out->state = info.state;
@@ -229,7 +238,7 @@ int qb_ublk_dev_info(int32_t dev_id, struct qb_dev_info *out)
 	/* 6.12 keeps owner uid and gid where 6.1's header has reserved0 */
 	memcpy(&out->owner_uid, &info.reserved0, sizeof(uint32_t));
 	memcpy(&out->owner_gid, (char *)&info.reserved0 + 4, sizeof(uint32_t));
-	if (get_params(dev_id, &p) >= 0 && (p.types & UBLK_PARAM_TYPE_BASIC)) {
+	if (qb_ctrl_get_params(dev_id, &p) >= 0 && (p.types & UBLK_PARAM_TYPE_BASIC)) {
 		out->sectors = p.basic.dev_sectors;
 		out->logical_bs = 1u << p.basic.logical_bs_shift;
 		out->physical_bs = 1u << p.basic.physical_bs_shift;

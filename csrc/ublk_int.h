@@ -37,6 +37,17 @@
 #define UBLK_U_CMD_GET_PARAMS \
 	_IOR('u', UBLK_CMD_GET_PARAMS, struct ublksrv_ctrl_cmd)
 #endif
+/* 6.1 has the legacy numbers of the recovery commands, not their encoding */
+#ifndef UBLK_CMD_START_USER_RECOVERY
+#define UBLK_CMD_START_USER_RECOVERY	0x10
+#define UBLK_CMD_END_USER_RECOVERY	0x11
+#endif
+#ifndef UBLK_U_CMD_START_USER_RECOVERY
+#define UBLK_U_CMD_START_USER_RECOVERY \
+	_IOWR('u', UBLK_CMD_START_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_END_USER_RECOVERY \
+	_IOWR('u', UBLK_CMD_END_USER_RECOVERY, struct ublksrv_ctrl_cmd)
+#endif
 #ifndef UBLK_U_CMD_GET_FEATURES
 #define UBLK_U_CMD_GET_FEATURES \
 	_IOR('u', UBLK_CMD_GET_FEATURES, struct ublksrv_ctrl_cmd)
@@ -48,11 +59,20 @@
 	_IOWR('u', UBLK_IO_COMMIT_AND_FETCH_REQ, struct ublksrv_io_cmd)
 #endif
 
+#ifndef UBLK_F_USER_RECOVERY
+#define UBLK_F_USER_RECOVERY		(1ULL << 3)
+#endif
+#ifndef UBLK_F_USER_RECOVERY_REISSUE
+#define UBLK_F_USER_RECOVERY_REISSUE	(1ULL << 4)
+#endif
 #ifndef UBLK_F_UNPRIVILEGED_DEV
 #define UBLK_F_UNPRIVILEGED_DEV		(1ULL << 5)
 #endif
 #ifndef UBLK_F_CMD_IOCTL_ENCODE
 #define UBLK_F_CMD_IOCTL_ENCODE		(1ULL << 6)
+#endif
+#ifndef UBLK_S_DEV_QUIESCED
+#define UBLK_S_DEV_QUIESCED		2
 #endif
 #ifndef UBLK_S_DEV_FAIL_IO
 #define UBLK_S_DEV_FAIL_IO		3
@@ -92,5 +112,9 @@ int qb_ctrl_cmd(const struct qb_ctrl_req *r);
 int qb_ctrl_cmd_abortable(const struct qb_ctrl_req *r, const int *abort,
 			  int poll_ms);
 const char *qb_ctrl_name(uint32_t op);
+/* GET_DEV_INFO into the kernel's own struct (for qb_dev_recover). */
+int qb_ctrl_dev_info(int32_t dev_id, struct ublksrv_ctrl_dev_info *info);
+/* GET_PARAMS (len set here). */
+int qb_ctrl_get_params(int32_t dev_id, struct ublk_params *p);
 
 #endif

@@ -1,6 +1,6 @@
 """The quorumblk command: add, list, status and del quorumblk devices;
 change a running device's replicas (readd, replace, add-replica,
-remove-replica) and scrub it.
+remove-replica) and scrub it; recover a device whose daemon died.
 
 Each handler is a call or two into quorumblk.daemon; main() turns every
 error into `quorumblk: <message>` on stderr and the error's exit status
@@ -20,11 +20,12 @@ EXIT_CODES = """exit status:
   1 other failure       6 device id in use
   2 bad usage           7 no such device
   3 not root            8 daemon did not answer or stop in time
-  4 no ublk driver      9 the device did not start
+  4 no ublk driver      9 the device did not start (or recover)
                        10 the replicas were refused (threshold, size, open,
                           identity) or a replica change was refused
                        11 another job (scrub, resync) runs on the device
                        12 scrub found blocks without quorum (left as they were)
+                       13 not recoverable (daemon alive, device not quiesced)
 """
 JOB_FAILED = 1
 NO_QUORUM_FOUND = 12
@@ -219,6 +220,20 @@ def build_parser():
     rm.add_argument("replica", metavar="REPLICA", help="its path or index")
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=cmd_remove_replica)
+
+    rc = sub.add_parser(
+        "recover", help="serve a device again after its daemon died",
+        description="Serve DEV again after its daemon died (kill -9, a crash): the "
+        "kernel keeps the device quiesced, and I/O issued meanwhile waits. The "
+        "replicas, threshold and options come from /run/quorumblk/N.json; regions "
+        "with writes in flight at the crash are resynced by vote first. Prints the "
+        "device's path once it is LIVE again. Refused (exit 13) when the daemon "
+        "still runs or the kernel does not hold the device quiesced.")
+    rc.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    rc.add_argument("--foreground", "-f", action="store_true",
+                    help="serve in this process (for systemd) instead of detaching")
+    rc.add_argument("--json", action="store_true", help="print JSON")
+    rc.set_defaults(func=cmd_recover)
     return p
 
 
@@ -317,6 +332,17 @@ def cmd_del(args):
             print(f"deleted {d['path']}")
     if failed:
         return max(e.exit_code for _t, e in failed)
+    return 0
+
+
+def cmd_recover(args):
+    res = daemon.recover(args.dev, foreground=args.foreground, warn=warn)
+    if args.foreground:
+        return res
+    if args.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        print(res["path"])
     return 0
 
 

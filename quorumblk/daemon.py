@@ -46,17 +46,18 @@ def _device_module():
     return device
 
 
-def open_quorum(replicas, threshold, engine):
+def open_quorum(replicas, threshold, engine, reuse=None):
     """Open the replica set: its metadata first (a new set is created on
     replicas without any; quorumblk.meta), then the engine, whose refusals
     come out as QuorumError. Returns (quorum, plan, warnings as text); the
-    plan is not acted on yet (see prepare)."""
+    plan is not acted on yet (see prepare). reuse: the id of a device whose
+    replicas these may be (recover)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # the engine checks the set (paths, threshold, sizes, duplicates,
         # direct I/O) before its metadata is read or written
         check_free([runtime.replica_identity(p) for p in replicas
-                    if os.path.exists(p)])
+                    if os.path.exists(p)], skip=reuse)
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
         plan = meta.assemble([str(p) for p in replicas], threshold)
         q = Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
@@ -87,9 +88,9 @@ def describe_resync(r):
     return text
 
 
-def check_free(idents):
-    """Refuse replicas that a running device already uses."""
-    clashes = runtime.replicas_in_use(idents)
+def check_free(idents, skip=None):
+    """Refuse replicas that a running device (other than skip) already uses."""
+    clashes = runtime.replicas_in_use(idents, skip)
     if clashes:
         path, other, theirs = clashes[0]
         same = "" if path == theirs else f" as {theirs}"
@@ -133,6 +134,7 @@ class Daemon:
         self.events_file = None
         self.started = time.time()
         self.resync = None          # what prepare() did before the start
+        self.recovered = False      # serves a device whose daemon died
         self.last_clean = 0.0
         self.life = lifecycle.Lifecycle(q, self.replicas_changed)
 
@@ -140,7 +142,8 @@ class Daemon:
     def publish(self):
         """Write the runtime files: events log, socket, then the state."""
         dev_id = self.dev.id
-        self.events_file = open(runtime.events_path(dev_id), "w")
+        self.events_file = open(runtime.events_path(dev_id),
+                                "a" if self.recovered else "w")
         os.chmod(runtime.events_path(dev_id), 0o644)
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
@@ -384,22 +387,33 @@ def _drain_fd(fd):
         pass
 
 
-def _start(q, idents, engine, devopts, report=None):
-    """Start the device and publish its runtime files. On any failure the
-    device is stopped again: nothing half-made stays behind."""
+def _start(q, idents, engine, devopts, report=None, recover=False):
+    """Start the device (made with user recovery: a daemon crash leaves it
+    quiesced for `recover`), or with recover serve the existing device
+    devopts["dev_id"] again, and publish its runtime files. On any failure
+    the device is stopped again: nothing half-made stays behind (a device
+    that failed to recover stays quiesced)."""
     device = _device_module()
     kw = {"depth": devopts["depth"], "block_size": devopts["block_size"],
-          "dev_id": devopts["dev_id"] if devopts["dev_id"] is not None else -1}
+          "dev_id": devopts["dev_id"] if devopts["dev_id"] is not None else -1,
+          "user_recovery": True}
     if devopts["queues"] is not None:
         kw["queues"] = devopts["queues"]
     try:
-        dev = device.Device.start(q, **kw)
+        if recover:
+            dev = device.Device.recover(q, devopts["dev_id"],
+                                        block_size=devopts["block_size"])
+        else:
+            dev = device.Device.start(q, **kw)
     except CommandError:
         raise
     except OSError as e:
-        raise StartError(f"starting the ublk device failed: {e}")
+        what = f"recovering ublk device {devopts['dev_id']}" if recover else \
+            "starting the ublk device"
+        raise StartError(f"{what} failed: {e}")
     d = Daemon(q, dev, idents, engine, devopts)
     d.resync = report
+    d.recovered = recover
     try:
         d.publish()
     except BaseException:
@@ -429,6 +443,12 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
     returns the daemon's exit status when it stops) or detach a daemon
     (returns the device's {"id", "path", "pid"} once it is LIVE)."""
     runtime.require_root("quorumblk add")
+    if _recovers(replicas, devopts.get("dev_id")):
+        if warn:
+            warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
+                 "recovering it instead")
+        return recover(devopts["dev_id"], foreground=foreground, warn=warn,
+                       threshold=threshold, engine=engine)
     q, plan, warns = open_quorum(replicas, threshold, engine)
     try:
         for w in warns:
@@ -450,10 +470,10 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
             q.close()
 
 
-def _run_foreground(q, idents, engine, devopts, lock, report=None):
+def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False):
     signal.signal(signal.SIGTERM, _early_signal)
     signal.signal(signal.SIGINT, _early_signal)
-    d = _start(q, idents, engine, devopts, report)
+    d = _start(q, idents, engine, devopts, report, recover)
     d.install_signals()
     if _early_stop:
         d.stopping, d.stop_reason = True, "signal before LIVE"
@@ -464,7 +484,7 @@ def _run_foreground(q, idents, engine, devopts, lock, report=None):
     return d.run()
 
 
-def _detach(q, idents, engine, devopts, lock, report=None):
+def _detach(q, idents, engine, devopts, lock, report=None, recover=False):
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -477,7 +497,7 @@ def _detach(q, idents, engine, devopts, lock, report=None):
             os.setsid()
             if os.fork() != 0:
                 os._exit(0)
-            _daemon_main(q, idents, engine, devopts, wfd, lock, report)
+            _daemon_main(q, idents, engine, devopts, wfd, lock, report, recover)
         finally:
             os._exit(1)
     os.close(wfd)
@@ -517,7 +537,7 @@ def _read_message(fd, timeout):
         return {"ok": False, "error": f"bad message from the daemon: {data[:200]!r}"}
 
 
-def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None):
+def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=False):
     """The detached daemon: never returns."""
     status = 1
     d = None
@@ -531,7 +551,7 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None):
         signal.signal(signal.SIGINT, _early_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            d = _start(q, idents, engine, devopts, report)
+            d = _start(q, idents, engine, devopts, report, recover)
         except CommandError as e:
             _send(wfd, {"ok": False, "error": str(e), "exit_code": e.exit_code})
             os._exit(e.exit_code)
@@ -545,7 +565,8 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None):
                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         os.dup2(logfd, 2)
         os.close(logfd)
-        log(f"device {d.dev.id} ({d.dev.path}) live, pid {os.getpid()}, "
+        log(f"device {d.dev.id} ({d.dev.path}) {'recovered' if recover else 'live'}, "
+            f"pid {os.getpid()}, "
             f"replicas {' '.join(q.paths)}, threshold {q.threshold}")
         lock.release()
         _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
@@ -589,9 +610,7 @@ def list_devices():
     for st in orphaned:
         out.append({"id": st["id"], "path": st["path"], "pid": st["pid"],
                     "threshold": st["threshold"], "size": st.get("size"),
-                    "state": "orphaned",
-                    "error": f"daemon pid {st['pid']} died; `quorumblk del {st['id']}` "
-                             "removes the device",
+                    **_orphan_state(st),
                     "replicas": [{"path": r["path"], "state": "unknown"}
                                  for r in st.get("replicas", [])]})
     for st in live:
@@ -673,3 +692,135 @@ def _delete_orphan(st, timeout):
     runtime.remove_files(dev_id)
     return {"id": dev_id, "path": st["path"], "pid": st["pid"], "deleted": True,
             "orphaned": True}
+
+
+# -- recovery after a daemon crash --
+#
+# Devices are made with ublk user recovery: when the daemon dies (kill -9, a
+# crash) the kernel keeps /dev/ublkbN, holds it quiesced (new I/O waits, and
+# what the dead daemon had taken is reissued later) and waits for a new
+# server. Its state file stays in /run/quorumblk and names everything a new
+# daemon needs.
+
+def _orphan_state(st):
+    """{"state", "error"} of a device whose daemon died while the kernel
+    still holds it: "quiesced" when `recover` can serve it again, else
+    "orphaned" (only `del` helps)."""
+    dev_id, pid = st["id"], st["pid"]
+    try:
+        info = _device_module().dev_info(dev_id)
+    except (OSError, CommandError) as e:
+        return {"state": "orphaned",
+                "error": f"daemon pid {pid} died and the kernel's ublk device {dev_id} "
+                         f"cannot be read ({e}); `quorumblk del {dev_id}` removes it"}
+    if info["pid"] not in (pid, -1, 0) and runtime.pid_alive(info["pid"]):
+        return {"state": "orphaned",
+                "error": f"daemon pid {pid} died and ublk device {dev_id} is now "
+                         f"served by pid {info['pid']}"}
+    if "user-recovery" not in info["features"]:
+        return {"state": "orphaned",
+                "error": f"daemon pid {pid} died and the device was made without "
+                         f"user recovery; `quorumblk del {dev_id}` removes it"}
+    # LIVE with the dead daemon as its server: the kernel has not noticed
+    # yet; it quiesces the device within moments (recover waits for it)
+    if info["state"] == "quiesced" or (info["state"] == "live" and info["pid"] == pid):
+        return {"state": "quiesced",
+                "error": f"daemon pid {pid} died; I/O waits: `quorumblk recover "
+                         f"{dev_id}` serves the device again, `quorumblk del {dev_id}` "
+                         "removes it"}
+    return {"state": "orphaned",
+            "error": f"daemon pid {pid} died and ublk device {dev_id} is "
+                     f"{info['state']}; `quorumblk del {dev_id}` removes it"}
+
+
+def _recoverable(dev_id):
+    """The state of device dev_id when a new daemon can take it over, else
+    the error that says why not."""
+    st = runtime.read_state(dev_id)
+    if st is None:
+        raise NoSuchDeviceError(f"no quorumblk device {dev_id} "
+                                f"(no {runtime.state_path(dev_id)})")
+    if runtime.is_live(st):
+        raise runtime.NotRecoverableError(
+            f"quorumblk device {dev_id}: its daemon (pid {st['pid']}) is alive: "
+            "nothing to recover")
+    if not runtime.kernel_has(dev_id):
+        runtime.remove_files(dev_id)
+        raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon (pid {st['pid']}) "
+                                "is gone and so is the kernel's device; removed its "
+                                "stale state")
+    why = _orphan_state(st)
+    if why["state"] != "quiesced":
+        raise runtime.NotRecoverableError(f"quorumblk device {dev_id} cannot be "
+                                          f"recovered: {why['error']}")
+    return st
+
+
+def _recovers(replicas, dev_id):
+    """Whether `add --id dev_id REPLICA...` means: recover device dev_id (its
+    daemon died, the kernel holds it quiesced, and it has these replicas in
+    this order). How the systemd unit comes back after a crash."""
+    if dev_id is None or dev_id < 0:
+        return False
+    st = runtime.read_state(dev_id)
+    if st is None or runtime.is_live(st) or not runtime.kernel_has(dev_id):
+        return False
+    theirs = st.get("replicas", [])
+    try:
+        mine = [runtime.replica_identity(p) for p in replicas]
+    except OSError:
+        return False
+    if len(mine) != len(theirs) or not all(
+            runtime.same_replica(a, b) for a, b in zip(mine, theirs)):
+        return False
+    return _orphan_state(st)["state"] == "quiesced"
+
+
+def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
+    """Serve again device dev whose daemon died (the kernel holds it
+    quiesced; I/O issued meanwhile waits). The replicas, threshold and
+    options come from its state file (threshold and engine override them);
+    the replicas are opened as add opens them (metadata, then a resync by
+    vote of every region the write-intent bitmap says may differ) before the
+    device serves again. Then, as add: serve here (foreground: returns the
+    daemon's exit status) or detach a daemon (returns {"id", "path", "pid"}
+    once the device is LIVE)."""
+    runtime.require_root("quorumblk recover")
+    dev_id = runtime.parse_dev(dev)
+    lock = runtime.AddLock().acquire()
+    q = None
+    try:
+        st = _recoverable(dev_id)
+        opts = st.get("options", {})
+        if engine is None:
+            engine = {k: opts[k] for k in ENGINE_KEYS if k in opts}
+        devopts = {k: opts.get(k) for k in DEVICE_KEYS}
+        devopts["dev_id"] = dev_id
+        theirs = st.get("replicas", [])
+        q, plan, warns = open_quorum([r["path"] for r in theirs],
+                                     threshold or st["threshold"], engine,
+                                     reuse=dev_id)
+        for w in warns:
+            if warn:
+                warn(w)
+        idents = [runtime.replica_identity(p) for p in q.paths]
+        for mine, old in zip(idents, theirs):
+            if not runtime.same_replica(mine, old):
+                raise runtime.NotRecoverableError(
+                    f"quorumblk device {dev_id}: {mine['path']} is not the replica "
+                    "the device had under that name (another file or device now): refused")
+        runtime.ublk_check()
+        ok, reason = _device_module().ublk_available()
+        if not ok:
+            raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+        report = prepare(q, plan)
+        if warn and report["reason"] != "none":
+            warn(describe_resync(report))
+        if foreground:
+            return _run_foreground(q, idents, engine, devopts, lock, report,
+                                   recover=True)
+        return _detach(q, idents, engine, devopts, lock, report, recover=True)
+    finally:
+        lock.release()
+        if q is not None and q._q is not None and not foreground:
+            q.close()

@@ -8,8 +8,10 @@ the replica I/O. Python only starts, watches and stops the device.
     from quorumblk.device import Device
 
     q = Quorum(["a.img", "b.img", "c.img"], 2, max_io=512 << 10)
-    dev = Device.start(q)            # returns once /dev/ublkbN is LIVE
+    dev = Device.start(q, user_recovery=True)   # returns once /dev/ublkbN is LIVE
     print(dev.path)
+    # if this process dies, another one (same replicas) takes over:
+    #   dev = Device.recover(q, dev_id)
     ...
     dev.stop()                       # STOP_DEV, join the queues, DEL_DEV
     q.close()                        # (close() also stops a device still serving)
@@ -202,6 +204,39 @@ class Device:
         _check(lib.qb_dev_start(quorum._q, p, out))
         dev = cls(quorum, out[0])
         quorum._devices.add(dev)    # Quorum.close() stops it first
+        return dev
+
+    @classmethod
+    def recover(cls, quorum, dev_id, *, block_size=0):
+        """Serve ublk device dev_id again from this process after its server
+        died: the device was started with user_recovery=True and the kernel
+        holds it quiesced (I/O waits meanwhile; what the dead server had
+        taken is reissued). Returns once it is LIVE again.
+
+        quorum must be the device's own replica set (its size is checked
+        against the device's); block_size, when not 0, must be the device's.
+        Queues and depth are the device's. Waits up to 20 s for the kernel
+        to quiesce a device whose server just died.
+
+        Raises InvalidArgumentError when the device cannot be recovered (no
+        such device, not quiesced, made without user recovery, another
+        size or block size), QuorumError otherwise; on a failure the device
+        is left as it was (quiesced), never deleted.
+        """
+        if getattr(quorum, "_q", None) is None:
+            raise QuorumError(errno.EBADF, "the quorum is closed")
+        for name, value in (("device id", dev_id), ("block size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgumentError(
+                    errno.EINVAL, f"{name} {value!r} is not an integer")
+        p = ffi.new("struct qb_dev_params *")
+        lib.qb_dev_params_default(p)
+        p.logical_bs = block_size
+        p.flags = lib.QB_DEV_USER_RECOVERY
+        out = ffi.new("struct qb_dev **")
+        _check(lib.qb_dev_recover(quorum._q, dev_id, p, out))
+        dev = cls(quorum, out[0])
+        quorum._devices.add(dev)
         return dev
 
     def info(self):

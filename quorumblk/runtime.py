@@ -59,6 +59,12 @@ class NoSuchDeviceError(CommandError):
     exit_code = 7
 
 
+class NotRecoverableError(CommandError):
+    """the device cannot be recovered (its daemon runs, or the kernel does
+    not hold it quiesced)."""
+    exit_code = 13
+
+
 class DaemonError(CommandError):
     """the device's daemon did not answer or did not stop in time."""
     exit_code = 8
@@ -232,12 +238,14 @@ def live_states():
     return scan()[0]
 
 
-def replicas_in_use(identities):
+def replicas_in_use(identities, skip=None):
     """[(replica path given, device id, its path there)] for each replica
-    that a running device already uses."""
+    that a running device (other than device skip) already uses."""
     clashes = []
     live, orphaned = scan()
     for st in live + orphaned:
+        if st["id"] == skip:
+            continue
         for theirs in st.get("replicas", []):
             for mine in identities:
                 if same_replica(mine, theirs):
@@ -268,8 +276,8 @@ def find(dev, orphans=False):
         if orphans:
             return st
         raise DaemonError(f"quorumblk device {dev_id}: its daemon (pid {st.get('pid')}) "
-                          f"died; the kernel still has the device: `quorumblk del {dev_id}` "
-                          "removes it")
+                          f"died; the kernel still has the device: `quorumblk recover "
+                          f"{dev_id}` serves it again, `quorumblk del {dev_id}` removes it")
     remove_files(dev_id)
     raise NoSuchDeviceError(f"quorumblk device {dev_id}: its daemon "
                             f"(pid {st.get('pid')}) is gone; removed its stale state")

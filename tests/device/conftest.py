@@ -133,7 +133,7 @@ class Served:
     """A device served by a qbserver child. events() accumulates: it returns
     every event seen since the start."""
 
-    def __init__(self, paths, threshold, quorum=None, device=None):
+    def __init__(self, paths, threshold, quorum=None, device=None, recover=None):
         self.paths = list(paths)
         self.all_events = []
         self.stopped = False
@@ -143,7 +143,7 @@ class Served:
             bufsize=1)
         cfg = {"paths": self.paths, "threshold": threshold,
                "quorum": dict({"max_io": MAX_IO}, **(quorum or {})),
-               "device": device or {}}
+               "device": device or {}, "recover": recover}
         self.proc.stdin.write(json.dumps(cfg) + "\n")
         self.proc.stdin.flush()
         hello = self._read()
@@ -222,12 +222,13 @@ def scratch(request):
 
 @pytest.fixture
 def serve():
-    """serve(paths, threshold, quorum={...}, device={...}) -> Served, LIVE.
-    Every device still up at teardown is stopped (and its mounts undone)."""
+    """serve(paths, threshold, quorum={...}, device={...}, recover=N) ->
+    Served, LIVE (recover: a new server for the quiesced device N). Every
+    device still up at teardown is stopped (and its mounts undone)."""
     started = []
 
-    def _serve(paths, threshold, quorum=None, device=None):
-        s = Served(paths, threshold, quorum, device)
+    def _serve(paths, threshold, quorum=None, device=None, recover=None):
+        s = Served(paths, threshold, quorum, device, recover)
         if s.error:
             raise AssertionError(f"device did not start: {s.error}")
         started.append(s)

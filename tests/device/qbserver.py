@@ -4,7 +4,8 @@ own I/O.
 
 Protocol: JSON lines. The first line on stdin is the configuration
 {"paths": [...], "threshold": K, "quorum": {...Quorum options},
- "device": {...Device.start options}}; the server answers
+ "device": {...Device.start options}, "recover": N (optional: serve the
+quiesced device N with Device.recover instead)}; the server answers
 {"ok": true, "id": N, "path": "/dev/ublkbN", ...} once the device is LIVE,
 or {"ok": false, "errno": E, "error": "..."}. Then each line is a command:
 {"cmd": "events" | "status" | "info" | "ended" | "inject" | "stop",
@@ -43,7 +44,10 @@ def main():
         reply(error(e))
         return 1
     try:
-        dev = Device.start(q, **cfg.get("device", {}))
+        if cfg.get("recover") is not None:
+            dev = Device.recover(q, cfg["recover"], **cfg.get("device", {}))
+        else:
+            dev = Device.start(q, **cfg.get("device", {}))
     except Exception as e:
         q.close()
         reply(error(e))

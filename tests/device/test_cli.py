@@ -299,30 +299,29 @@ def test_foreground_daemon_exits_0_on_signal(images, sig):
 
 
 def test_daemon_killed_leaves_nothing_that_del_cannot_remove(images, cli):
-    """kill -9 of the daemon: the kernel keeps the device (no user recovery
-    yet) without a server; list shows it orphaned, status says so, and del
-    removes it from the kernel."""
+    """kill -9 of the daemon: the kernel keeps the device, quiesced (it was
+    made with user recovery); list shows it quiesced, status says the daemon
+    died and names recover, its replicas stay taken, and del removes it from
+    the kernel."""
     paths = images(3, 16 << 20)
     info = cli("-t", "2", *paths)
     os.kill(info["pid"], signal.SIGKILL)
     assert wait_dead(info["pid"])
+    assert os.path.isdir(f"/sys/class/ublk-char/ublkc{info['id']}")
     lst = json.loads(qb("list", "--json").stdout)
-    kept = os.path.isdir(f"/sys/class/ublk-char/ublkc{info['id']}")
-    print(f"after kill -9 the kernel {'kept' if kept else 'removed'} ublk device {info['id']}")
-    if kept:
-        (mine,) = [d for d in lst if d["id"] == info["id"]]
-        assert mine["state"] == "orphaned"
-        p = qb("status", info["id"])
-        assert p.returncode == 8 and "died" in p.stderr
-        others = images(2, 16 << 20, prefix="o")
-        p = qb("add", "-t", "2", others[0], others[1], paths[0])
-        assert p.returncode == 5, p.stderr
-        p = qb("del", info["id"], timeout=120)
-        assert p.returncode == 0, p.stderr
-        assert json.loads(qb("list", "--json").stdout) == [
-            d for d in lst if d["id"] != info["id"]]
-    else:
-        assert not [d for d in lst if d["id"] == info["id"]]
+    (mine,) = [d for d in lst if d["id"] == info["id"]]
+    assert mine["state"] == "quiesced", mine
+    assert f"quorumblk recover {info['id']}" in mine["error"]
+    p = qb("status", info["id"])
+    assert p.returncode == 8 and "died" in p.stderr
+    assert f"quorumblk recover {info['id']}" in p.stderr
+    others = images(2, 16 << 20, prefix="o")
+    p = qb("add", "-t", "2", others[0], others[1], paths[0])
+    assert p.returncode == 5, p.stderr
+    p = qb("del", info["id"], timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(qb("list", "--json").stdout) == [
+        d for d in lst if d["id"] != info["id"]]
     assert wait_gone(info["path"], 10) and wait_gone(f"/dev/ublkc{info['id']}", 10)
     assert not os.path.exists(f"{RUN_DIR}/{info['id']}.json")
     # the replicas are free again
