@@ -372,7 +372,7 @@ def test_replica_on_dm_error_fails_under_load_device_serves_on(
            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
            "--randseed=11"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+                         text=True, cwd="/tmp")     # its verify state file
     try:
         end = time.monotonic() + 120        # until fio's writes flow
         while time.monotonic() < end and p.poll() is None and \
