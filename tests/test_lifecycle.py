@@ -3,6 +3,7 @@ device: readd after a failure resyncs only what was missed, replace and
 add-replica fill a new member while writes go on, remove never goes below
 the threshold, scrub reports and repairs; crash resync by the plurality
 rule; and every refusal says why."""
+import contextlib
 import os
 import threading
 import time
@@ -47,6 +48,26 @@ def wait(job, timeout=60):
     return job.to_dict()
 
 
+@contextlib.contextmanager
+def writing(q, seed):
+    """A thread rewriting blocks all over the device until the block ends."""
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            q.write((i * 7919 * BS) % SIZE, pattern(seed + i, BS))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def data(path, length=SIZE):
     with open(path, "rb") as f:
         return f.read(length)
@@ -85,21 +106,8 @@ def test_readd_under_writes_converges(imgs):
     q.set_state(1, "failed")
     for i in range(64):
         q.write(i * REGION // 4, pattern(i, BS))
-    stop = threading.Event()
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            q.write((i * 7919 * BS) % SIZE, pattern(500 + i, BS))
-            i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
+    with writing(q, 500):
         job = wait(life.readd(imgs[1]))
-    finally:
-        stop.set()
-        t.join()
     assert job["state"] == "done", job
     q.close()
     assert data(imgs[0]) == data(imgs[1]) == data(imgs[2])
@@ -109,21 +117,8 @@ def test_replace_fills_the_new_replica_then_removes_the_old(imgs, tmp_path):
     q, _ = start(imgs)
     life = lifecycle.Lifecycle(q)
     new = bare(tmp_path, "new.img")
-    stop = threading.Event()
-
-    def writer():
-        i = 0
-        while not stop.is_set():
-            q.write((i * 7919 * BS) % SIZE, pattern(900 + i, BS))
-            i += 1
-
-    t = threading.Thread(target=writer)
-    t.start()
-    try:
+    with writing(q, 900):
         job = wait(life.replace(imgs[1], new))
-    finally:
-        stop.set()
-        t.join()
     assert job["state"] == "done", job
     assert job["result"]["removed"] == imgs[1]
     assert job["result"]["copied_blocks"] == SIZE // BS

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import make_sparse, run
-from test_cli import RUN_DIR, cli, qb  # noqa: F401 (cli is a fixture)
+from test_cli import cli, qb  # noqa: F401 (cli is a fixture)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -105,6 +105,20 @@ def _fio_verify(dev, size="32m", seed=5, offset="0"):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd="/tmp")
 
 
+def _fio_done(fio, while_running):
+    """Run while_running() while fio goes on, then fio's verified output
+    (fio is killed if anything fails)."""
+    try:
+        result = while_running()
+        out, _ = fio.communicate(timeout=500)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    assert fio.returncode == 0 and "err= 0" in out, out
+    return result
+
+
 def _wait_writes(dev_id, minimum=300, timeout=120):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -119,19 +133,15 @@ def test_replace_under_fio_keeps_every_byte(images, scratch, cli):
     paths = images(3, size)
     info = cli("-t", "2", *paths)
     new = make_sparse(os.path.join(scratch, "new.img"), size)
-    fio = _fio_verify(info["path"])
-    try:
+
+    def replace():
         _wait_writes(info["id"])
         p = qb("replace", "--rate", "8M", "--json", info["id"], paths[1], new,
                timeout=300)
         assert p.returncode == 0, p.stderr
-        out, _ = fio.communicate(timeout=500)
-    finally:
-        if fio.poll() is None:
-            fio.kill()
-            fio.wait()
-    assert fio.returncode == 0 and "err= 0" in out, out
-    res = job_lines(p)[-1]["result"]
+        return job_lines(p)[-1]["result"]
+
+    res = _fio_done(_fio_verify(info["path"]), replace)
     assert res["removed"] == paths[1] and res["replica"] == new
     s = status(info["id"])
     assert [(r["path"], r["state"]) for r in s["replicas"]] == [
@@ -205,18 +215,14 @@ def test_readd_after_a_transient_failure_copies_only_what_was_missed(flakey, cli
     p = qb("readd", "--background", "--rate", "2M", "--json", info["id"], dm.path)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["state"] == "running"
-    fio = _fio_verify(info["path"], size="24m", offset="96m", seed=9)
-    try:
+
+    def readd_ends():
         end = time.monotonic() + 300
         while status(info["id"])["job"]["state"] == "running":
             assert time.monotonic() < end, "the readd did not end"
             time.sleep(0.5)
-        out, _ = fio.communicate(timeout=500)
-    finally:
-        if fio.poll() is None:
-            fio.kill()
-            fio.wait()
-    assert fio.returncode == 0 and "err= 0" in out, out
+
+    _fio_done(_fio_verify(info["path"], size="24m", offset="96m", seed=9), readd_ends)
     job = status(info["id"])["job"]
     assert job["state"] == "done", job
     res = job["result"]
