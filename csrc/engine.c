@@ -1128,9 +1128,11 @@ static int sync_need(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		      len) != 0;
 }
 
-/* Plan replica r's rewrite: one run per stretch of blocks it must get,
- * bridging blocks it already holds right (rewriting those changes nothing)
- * but never a block without quorum. Counts and reports its losing copies. */
+/* Plan replica r's rewrite: one run per stretch of blocks it must get. A
+ * target's runs bridge blocks it already holds right (rewriting those
+ * changes nothing, and fewer, longer writes fill it faster), never a block
+ * without quorum; a voter's runs are its losing blocks exactly, as its
+ * "repaired" events and counters say. Counts and reports losing copies. */
 static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		      uint32_t base, struct qb_sync_result *res)
 {
@@ -1160,7 +1162,7 @@ static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 			QB_ADD(c->dev.bad_blocks, i - (uint32_t)bad_from);
 		}
 		bad_from = -1;
-		if (need == 2 && from >= 0) {
+		if ((need == 2 || voter) && from >= 0) {
 			if (s->nruns == QB_MAX_RUNS)
 				s->incomplete = true;
 			add_run(c, s, r, (uint32_t)from, last + 1);

@@ -196,3 +196,14 @@ def test_more_runs_than_fit_are_done_in_a_second_pass_counted_once(imgs,
         odd = slice((2 * i + 1) * BS, (2 * i + 2) * BS)
         assert after[odd] == good[odd]
     assert len(of_type(q.events(), "repaired")) == 128
+
+
+def test_a_voters_repairs_are_its_losing_blocks_exactly(imgs, open_quorum):
+    flip(imgs[0], 3 * BS)
+    flip(imgs[0], 7 * BS + 9)
+    q = open_quorum(imgs, 2, events_per_sec=0)
+    assert q.sync(0, IMAGE_SIZE)["written"] == 2
+    assert sorted((e["replica"], e["offset"], e["length"])
+                  for e in of_type(q.events(), "repaired")) == \
+        [(0, 3 * BS, BS), (0, 7 * BS, BS)]
+    assert q.status()["replicas"][0]["repairs"] == 2
