@@ -98,6 +98,10 @@ def _rate(text):
     return int(v)
 
 
+def _dev_arg(parser):
+    parser.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+
+
 def _job_options(parser, what):
     parser.add_argument("--rate", type=_rate, default=None, metavar="BYTES/S",
                         help=f"{what} at most this fast (K, M, G suffixes; default: "
@@ -159,7 +163,7 @@ def build_parser():
     ls.set_defaults(func=cmd_list)
 
     st = sub.add_parser("status", help="counters, replica states, recent events")
-    st.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(st)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
@@ -176,7 +180,7 @@ def build_parser():
                         description="Read every block from every in-service replica "
                         "while the device serves, vote, and rewrite losing copies; "
                         "prints what it found. Exit 12 if blocks had no quorum.")
-    sc.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(sc)
     sc.add_argument("--no-repair", dest="repair", action="store_false",
                     help="only report, rewrite nothing")
     _job_options(sc, "read")
@@ -187,7 +191,7 @@ def build_parser():
                         "error, a timeout, or it was missing at add) comes back: it "
                         "gets what it missed (the regions written since, by the "
                         "write-intent bitmap), then votes again.")
-    ra.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(ra)
     ra.add_argument("replica", metavar="REPLICA",
                     help="its path (or its index, to reopen the path it had)")
     _job_options(ra, "copy")
@@ -197,7 +201,7 @@ def build_parser():
                         description="NEW (an image or device without quorumblk "
                         "metadata, at least the device's size) gets a copy of the "
                         "whole device while it serves, then OLD leaves the set.")
-    rp.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(rp)
     rp.add_argument("old", metavar="OLD", help="the replica to replace: path or index")
     rp.add_argument("new", metavar="NEW", help="the new replica's path")
     _job_options(rp, "copy")
@@ -207,7 +211,7 @@ def build_parser():
                         description="NEW (an image or device without quorumblk "
                         "metadata) becomes one more replica: it gets a copy of the "
                         "whole device, then votes.")
-    ad.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(ad)
     ad.add_argument("new", metavar="NEW", help="the new replica's path")
     _job_options(ad, "copy")
     ad.set_defaults(func=cmd_add_replica)
@@ -216,7 +220,7 @@ def build_parser():
                         description="The replica leaves the set for good (its header "
                         "says so: it is refused as a member later). Refused when "
                         "fewer than threshold replicas would stay in service.")
-    rm.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(rm)
     rm.add_argument("replica", metavar="REPLICA", help="its path or index")
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=cmd_remove_replica)
@@ -229,7 +233,7 @@ def build_parser():
         "with writes in flight at the crash are resynced by vote first. Prints the "
         "device's path once it is LIVE again. Refused (exit 13) when the daemon "
         "still runs or the kernel does not hold the device quiesced.")
-    rc.add_argument("dev", metavar="DEV", help="N, ublkbN or /dev/ublkbN")
+    _dev_arg(rc)
     rc.add_argument("--foreground", "-f", action="store_true",
                     help="serve in this process (for systemd) instead of detaching")
     rc.add_argument("--json", action="store_true", help="print JSON")
