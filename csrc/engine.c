@@ -1,161 +1,99 @@
 /*
  * engine.c: one thread's request engine on its own io_uring.
  *
- * A request lives in a slot. It goes out as one I/O per in-service replica,
- * all queued on the ring and submitted together, and moves through phases as
- * the last I/O of a phase completes (slot->pending counts them down):
+ * A request lives in a slot. It goes out as one I/O per replica, all queued
+ * on the ring and submitted together, and moves through phases as the last
+ * I/O of a phase completes (slot->pending counts them down):
  *
- *   read:  READ -> (READ_MORE: policy threshold or fifo needs more copies)
+ *   read:   READ -> (READ_MORE: policy threshold or fifo needs more copies)
  *                -> vote -> (REPAIR: rewrite losing blocks) -> done
- *   write, discard, write-zeroes, flush: one phase -> done
- *   sync:  (hold the blocks) -> SYNC: read voters and targets -> vote
- *                -> (SYNC_WRITE: losers and targets get the winner) -> done
+ *   write, discard, write-zeroes, one step at a time (discard and
+ *           write-zeroes in steps of QB_ZERO_STEP, each with its own holds,
+ *           bitmap marks and deadlines):
+ *           (HOLD: a repair holds its blocks) -> (MARK: its bitmap bits go
+ *           to disk) -> MODIFY -> next step, or (STATES) -> done
+ *   flush:  FLUSH -> (STATES) -> done
+ *   sync:   sync.c
+ * MARK and STATES park the request until a metadata round (bitmap.c) is
+ * done; STATES holds back the acknowledgement of a write while a replica
+ * state change it depends on is not on disk. The ring goes on with other
+ * requests meanwhile.
  *
- * CQE user_data: slot (16) | slot generation (16) | kind (4) | replica (5) |
- * index (12), or QB_UD_FOREIGN for a front end's own commands. The generation
- * lets a late CQE of an abandoned (timed out) I/O be recognised and dropped.
- *
- * Repair never overwrites newer data: the quorum keeps a write generation per
- * vote block (bucket). A read notes the generations when it starts; a losing
- * block is rewritten only if no write started on it since and none is in
- * flight, and user writes wait (are deferred) while a repair of their blocks
- * is in flight, so the two never race on a replica.
+ * The replica timeout: every replica I/O has a deadline, and the tick
+ * abandons those past it and takes their replica out. An abandoned I/O is
+ * never cancelled (a block device's cannot be; it may still run, late): the
+ * buffer it uses is set aside and the slot takes a fresh one, and a record
+ * (an orphan) waits for its CQEs, counts them as late completions, then
+ * lets the buffer be used again. Until then the replica owes I/O and
+ * cannot rejoin (members.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
-#include <linux/falloc.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
-#include "qb.h"
+#include "engine_int.h"
 
-#define QB_MAX_RUNS 64		/* repair writes per request */
 #define QB_RETRIES 2		/* re-reads when a vote met a racing write */
 
-#define OP_SYNC 8		/* internal: qb_ctx_sync's chunks */
-#define WIN_NO_QUORUM (1u << 31)	/* sync: the block had no quorum */
-#define WIN_DIFFER (1u << 30)	/* sync: some copy of the block differed */
-
-enum phase {
-	PH_FREE, PH_READ, PH_READ_MORE, PH_REPAIR, PH_MODIFY, PH_FLUSH,
-	PH_SYNC, PH_SYNC_WRITE,
-};
-/* K_REPAIR rewrites a losing voter (a "repaired" event), K_COPY a target */
-enum kind { K_IO, K_REPAIR, K_ZERO, K_TICK, K_IGNORE, K_COPY };
-enum zero_mode { ZM_FALLOC, ZM_PUNCH, ZM_WRITE };
-
-struct run {
-	uint64_t off;		/* device offset */
-	uint32_t len;
-	uint32_t rel;		/* offset in the request buffer */
-};
-
-struct qb_slot {
-	uint16_t gen;
-	uint8_t op, flags, phase, retries, err_kind;
-	bool deferred;
-	bool incomplete;	/* sync: more runs than fit; do it again */
-	bool again;		/* sync: that second pass (counted already) */
-	uint8_t sync_flags;	/* enum qb_sync_flags */
-	uint32_t targets;	/* sync: replicas that get the winner */
-	uint32_t len;
-	uint64_t off;
-	void *src;
-	int result;
-	void *out;
-
-	uint32_t pending;	/* I/Os out in this phase, plus a guard */
-	uint32_t nout[QB_MAX_REPLICAS];	/* per replica */
-	uint32_t dropped;	/* replicas abandoned: CQEs to ignore */
-	uint32_t tried;		/* replicas asked in this request */
-	uint32_t ok;		/* replicas that succeeded */
-	uint32_t bad;		/* replicas with a failed I/O in this request */
-	uint64_t phase_start;
-	uint64_t zoff[QB_MAX_REPLICAS];	/* write-zeroes by writing, progress */
-	struct __kernel_timespec delay[QB_MAX_REPLICAS];
-
-	uint32_t nblocks;	/* vote blocks in the request */
-	uint64_t *snap;		/* bucket words at read start */
-	uint32_t *win;		/* winning class per block */
-	uint8_t *held;		/* block held for repair */
-	struct run runs[QB_MAX_RUNS];
-	uint32_t nruns;
-	uint8_t run_rep[QB_MAX_RUNS];
-
-	void *buf[QB_MAX_REPLICAS];
-	struct qb_slot *next_deferred;
-	struct qb_slot *next_ready;
-};
-
-struct qb_ctx {
-	struct qb_quorum *q;
-	struct qb_ctx *next;	/* in q->ctxs */
-	struct io_uring ring;
-	bool ring_ok;
-	uint32_t depth;
-	uint32_t inflight;
-	uint32_t rr;		/* rotation for policy threshold */
-	struct qb_slot *slots;
-	char *bufmem;		/* every slot's buffers, one mapping */
-	bool abandoned;		/* a read was abandoned into a buffer */
-	struct qb_slot *deferred;
-	struct qb_slot *ready;	/* phases that ended while being issued */
-	uint32_t max_blocks;
-
-	bool tick_armed;
-	struct __kernel_timespec tick;
-	uint32_t files_gen;	/* q->files_gen of the registered files */
-	struct qb_sync_result *sync_res;	/* qb_ctx_sync's, while it runs */
-
-	qb_done_fn done;
-	void *done_arg;
-	qb_foreign_fn foreign;
-	void *foreign_arg;
-
-	struct qb_counters dev, rep[QB_MAX_REPLICAS];
-};
-
 static void phase_done(struct qb_ctx *c, struct qb_slot *s);
-static void start_request(struct qb_ctx *c, struct qb_slot *s);
+static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe);
 
-static inline uint64_t ud_make(uint32_t slot, uint16_t gen, uint32_t kind,
-			       uint32_t r, uint32_t idx)
+/* ---- the ring ---- */
+
+/* Ready CQEs kept aside (the ring had no room to submit): handled by the
+ * next qb_ctx_run, never from inside an issue. */
+static void stash(struct qb_ctx *c)
 {
-	return (uint64_t)slot | (uint64_t)gen << 16 | (uint64_t)kind << 32 |
-	       (uint64_t)r << 36 | (uint64_t)idx << 41;
-}
+	struct io_uring_cqe *cqe;
+	unsigned head, seen = 0;
 
-static inline uint32_t ud_slot(uint64_t ud) { return ud & 0xffff; }
-static inline uint16_t ud_gen(uint64_t ud) { return (ud >> 16) & 0xffff; }
-static inline uint32_t ud_kind(uint64_t ud) { return (ud >> 32) & 0xf; }
-static inline uint32_t ud_rep(uint64_t ud) { return (ud >> 36) & 0x1f; }
-static inline uint32_t ud_idx(uint64_t ud) { return (ud >> 41) & 0xfff; }
+	io_uring_for_each_cqe(&c->ring, head, cqe) {
+		if (c->nbacklog == c->backlog_cap) {
+			uint32_t cap = c->backlog_cap ? 2 * c->backlog_cap : 64;
+			struct cqe_copy *b = realloc(c->backlog, cap * sizeof(*b));
 
-static inline uint32_t slot_no(struct qb_ctx *c, struct qb_slot *s)
-{
-	return (uint32_t)(s - c->slots);
+			if (!b)
+				break;
+			c->backlog = b;
+			c->backlog_cap = cap;
+		}
+		c->backlog[c->nbacklog++] = (struct cqe_copy){
+			cqe->user_data, cqe->res, cqe->flags };
+		seen++;
+	}
+	io_uring_cq_advance(&c->ring, seen);
 }
 
 struct io_uring_sqe *qb_ctx_sqe(struct qb_ctx *c)
 {
-	struct io_uring_sqe *sqe = io_uring_get_sqe(&c->ring);
+	for (int tries = 0; tries < 64; tries++) {
+		struct io_uring_sqe *sqe = io_uring_get_sqe(&c->ring);
+		int ret;
 
-	if (!sqe) {
-		io_uring_submit(&c->ring);
-		sqe = io_uring_get_sqe(&c->ring);
+		if (sqe)
+			return sqe;
+		ret = io_uring_submit(&c->ring);
+		if (ret == -EBUSY || ret == -EAGAIN)
+			stash(c);	/* the CQ is full: make room */
+		else if (ret < 0 && ret != -EINTR)
+			return NULL;
 	}
-	return sqe;
+	return NULL;
 }
 
 uint32_t qb_ctx_inflight(const struct qb_ctx *c)
 {
 	return c->inflight;
+}
+
+struct qb_quorum *qb_ctx_quorum(const struct qb_ctx *c)
+{
+	return c->q;
 }
 
 void qb_ctx_set_done(struct qb_ctx *c, qb_done_fn fn, void *arg)
@@ -172,380 +110,195 @@ void qb_ctx_set_foreign(struct qb_ctx *c, qb_foreign_fn fn, void *arg)
 
 void *qb_ctx_buf(struct qb_ctx *c, uint32_t slot, uint32_t replica)
 {
-	if (slot >= c->depth || replica >= qb_replicas(c->q))
+	if (slot >= c->depth || replica >= QB_MAX_REPLICAS)
 		return NULL;
 	return c->slots[slot].buf[replica];
 }
 
-/* ---- vote-block buckets ---- */
+/* ---- abandoned I/O ---- */
 
-static inline uint64_t *bucket(struct qb_quorum *q, uint64_t block)
+static void *buf_new(struct qb_ctx *c)
 {
-	return &q->gens[block & (QB_GEN_BUCKETS - 1)];
-}
+	void *p;
 
-static inline uint64_t first_block(struct qb_quorum *q, uint64_t off)
-{
-	return off / q->opt.vote_block;
-}
+	if (c->nspare)
+		return c->spare[--c->nspare];
+	if (c->nmapped == c->mapped_cap) {
+		uint32_t cap = c->mapped_cap ? 2 * c->mapped_cap : 16;
+		void **m = realloc(c->mapped, cap * sizeof(*m));
 
-static uint32_t blocks_of(struct qb_quorum *q, uint64_t off, uint64_t len)
-{
-	uint64_t vb = q->opt.vote_block;
-
-	return (uint32_t)((off + len + vb - 1) / vb - off / vb);
-}
-
-static void snapshot(struct qb_ctx *c, struct qb_slot *s)
-{
-	uint64_t b0 = first_block(c->q, s->off);
-
-	for (uint32_t i = 0; i < s->nblocks; i++) {
-		uint64_t w = __atomic_load_n(bucket(c->q, b0 + i),
-					     __ATOMIC_ACQUIRE);
-
-		s->snap[i] = (QB_WRITERS(w) || QB_REPAIRING(w)) ?
-			     QB_SNAP_INVALID : (w & QB_GEN_MASK);
+		if (!m)
+			return NULL;
+		c->mapped = m;
+		c->mapped_cap = cap;
 	}
+	p = mmap(NULL, c->q->opt.max_io, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
+	c->mapped[c->nmapped++] = p;
+	return p;
 }
 
-/* True when no write touched block i since the read started. */
-static bool block_unchanged(struct qb_ctx *c, struct qb_slot *s, uint32_t i)
+static void buf_spare(struct qb_ctx *c, void *p)
 {
-	uint64_t w = __atomic_load_n(bucket(c->q, first_block(c->q, s->off) + i),
-				     __ATOMIC_ACQUIRE);
+	if (c->nspare == c->spare_cap) {
+		uint32_t cap = c->spare_cap ? 2 * c->spare_cap : 16;
+		void **s = realloc(c->spare, cap * sizeof(*s));
 
-	return s->snap[i] != QB_SNAP_INVALID && !QB_WRITERS(w) &&
-	       (w & QB_GEN_MASK) == s->snap[i];
-}
-
-/* Hold block i for a repair: only if unchanged since the read started. */
-static bool repair_hold(struct qb_ctx *c, struct qb_slot *s, uint32_t i)
-{
-	uint64_t *b = bucket(c->q, first_block(c->q, s->off) + i);
-	uint64_t w = __atomic_load_n(b, __ATOMIC_ACQUIRE);
-
-	do {
-		if (s->snap[i] == QB_SNAP_INVALID || QB_WRITERS(w) ||
-		    (w & QB_GEN_MASK) != s->snap[i])
-			return false;
-	} while (!__atomic_compare_exchange_n(b, &w, w + QB_REPAIR_ONE, true,
-					      __ATOMIC_ACQ_REL,
-					      __ATOMIC_ACQUIRE));
-	s->held[i] = 1;
-	return true;
-}
-
-static void repair_release(struct qb_ctx *c, struct qb_slot *s)
-{
-	uint64_t b0 = first_block(c->q, s->off);
-
-	for (uint32_t i = 0; i < s->nblocks; i++) {
-		if (!s->held[i])
-			continue;
-		__atomic_fetch_sub(bucket(c->q, b0 + i), QB_REPAIR_ONE,
-				   __ATOMIC_ACQ_REL);
-		s->held[i] = 0;
+		if (!s)
+			return;		/* it stays mapped, unused */
+		c->spare = s;
+		c->spare_cap = cap;
 	}
+	c->spare[c->nspare++] = p;
 }
 
-/* Hold every block of a sync against writers, only while none is in flight
- * on them (new ones wait until the sync releases them). Fails with nothing
- * held. */
-static bool sync_hold(struct qb_ctx *c, struct qb_slot *s)
+/* The slot's buffer k may still be read or written by an abandoned I/O:
+ * the slot takes a fresh one (with the voted data, if it was there).
+ * Returns the old one, or NULL when no fresh one could be had (no address
+ * space left: the slot then keeps it, the one case this cannot hold). */
+static void *set_aside(struct qb_ctx *c, struct qb_slot *s, uint32_t k)
 {
-	uint64_t b0 = first_block(c->q, s->off);
+	char *old = s->buf[k], *fresh = buf_new(c);
 
-	for (uint32_t i = 0; i < s->nblocks; i++) {
-		uint64_t *b = bucket(c->q, b0 + i);
-		uint64_t w = __atomic_load_n(b, __ATOMIC_ACQUIRE);
+	if (!fresh)
+		return NULL;
+	s->buf[k] = fresh;
+	if (s->out && (char *)s->out >= old &&
+	    (char *)s->out < old + c->q->opt.max_io) {
+		size_t at = (size_t)((char *)s->out - old);
 
-		do {
-			if (QB_WRITERS(w)) {
-				repair_release(c, s);
-				return false;
-			}
-		} while (!__atomic_compare_exchange_n(b, &w, w + QB_REPAIR_ONE,
-						      true, __ATOMIC_ACQ_REL,
-						      __ATOMIC_ACQUIRE));
-		s->held[i] = 1;
+		memcpy(fresh + at, s->out, s->len);
+		s->out = fresh + at;
 	}
-	return true;
+	if (s->src == old)
+		s->src = fresh;
+	return old;
 }
 
-static void writers_release(struct qb_ctx *c, uint64_t b0, uint32_t nb)
+/* The buffer that slot s's I/Os on replica r use in its phase, or -1. */
+static int phase_buf(struct qb_slot *s, uint32_t r)
 {
-	for (uint32_t i = 0; i < nb; i++)
-		__atomic_fetch_sub(bucket(c->q, b0 + i), QB_WRITER_ONE,
-				   __ATOMIC_ACQ_REL);
-}
-
-/* Mark the request's blocks as being written (new generation). Fails, with
- * nothing held, while a repair of one of them is in flight. */
-static bool writers_hold(struct qb_ctx *c, struct qb_slot *s)
-{
-	uint64_t b0 = first_block(c->q, s->off);
-	uint32_t nb = blocks_of(c->q, s->off, s->len);
-
-	if (nb > QB_GEN_BUCKETS)
-		nb = QB_GEN_BUCKETS;
-	for (uint32_t i = 0; i < nb; i++) {
-		uint64_t *b = bucket(c->q, b0 + i);
-		uint64_t w = __atomic_load_n(b, __ATOMIC_ACQUIRE), nw;
-
-		do {
-			if (QB_REPAIRING(w)) {
-				writers_release(c, b0, i);
-				return false;
-			}
-			nw = ((w & ~QB_GEN_MASK) | ((w + 1) & QB_GEN_MASK)) +
-			     QB_WRITER_ONE;
-		} while (!__atomic_compare_exchange_n(b, &w, nw, true,
-						      __ATOMIC_ACQ_REL,
-						      __ATOMIC_ACQUIRE));
+	switch (s->phase) {
+	case PH_READ:
+	case PH_READ_MORE:
+	case PH_SYNC:
+		return (int)r;
+	case PH_MODIFY:		/* zeroing uses q->zeros, never freed */
+		return s->op == QB_OP_WRITE ? s->src_buf : -1;
+	case PH_REPAIR:
+	case PH_SYNC_WRITE:
+		return s->base;
 	}
-	return true;
+	return -1;
 }
 
-static void writers_done(struct qb_ctx *c, struct qb_slot *s)
+/* Replica r's I/Os of slot s will not be waited for: an orphan takes them
+ * (and the buffer they use); the replica owes them until they are back. */
+static void abandon(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
 {
-	uint32_t nb = blocks_of(c->q, s->off, s->len);
+	struct orphan *o = calloc(1, sizeof(*o));
+	uint32_t n = s->nout[r];
+	int k = phase_buf(s, r);
 
-	writers_release(c, first_block(c->q, s->off),
-			nb > QB_GEN_BUCKETS ? QB_GEN_BUCKETS : nb);
-}
+	if (s->hang_fd[r] >= 0) {	/* a hang fault: nothing behind it */
+		struct io_uring_sqe *sqe = qb_ctx_sqe(c);
 
-/* ---- issuing replica I/O ---- */
-
-static void arm_tick(struct qb_ctx *c)
-{
-	struct io_uring_sqe *sqe;
-
-	if (c->tick_armed)
-		return;
-	sqe = qb_ctx_sqe(c);
-	io_uring_prep_timeout(sqe, &c->tick, 0, 0);
-	sqe->user_data = ud_make(0, 0, K_TICK, 0, 0);
-	c->tick_armed = true;
-}
-
-static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		      uint32_t kind, int res, uint32_t want, uint64_t off);
-static bool chunked(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		    uint32_t kind);
-static void issue_chunks(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-			 uint32_t op, char *buf);
-
-static void count_replica_io(struct qb_ctx *c, uint32_t r, uint32_t op,
-			     uint32_t len)
-{
-	struct qb_counters *k = &c->rep[r];
-
-	switch (op) {
-	case QB_OP_READ:
-		QB_ADD(k->reads, 1);
-		QB_ADD(k->read_bytes, len);
-		break;
-	case QB_OP_WRITE:
-		QB_ADD(k->writes, 1);
-		QB_ADD(k->write_bytes, len);
-		break;
-	case QB_OP_FLUSH:
-		QB_ADD(k->flushes, 1);
-		break;
-	case QB_OP_DISCARD:
-		QB_ADD(k->discards, 1);
-		break;
-	default:
-		QB_ADD(k->write_zeroes, 1);
-	}
-}
-
-/* Discard and write-zeroes are fallocate calls; this mode. */
-static int zero_mode(struct qb_quorum *q, uint32_t r, uint32_t op)
-{
-	if (op == QB_OP_WRITE_ZEROES &&
-	    __atomic_load_n(&q->rep[r].zero_mode, __ATOMIC_RELAXED) == ZM_FALLOC)
-		return FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE;
-	return FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE;
-}
-
-/*
- * A replica on tmpfs or ramfs: its reads and writes are memory copies that
- * never wait, and the kernel gives io_uring no non-blocking try for them, so
- * the ring would hand every one to a worker thread (a wake-up and a context
- * switch each, measured at twice the CPU of the copy). Done here instead.
- */
-static int sync_io(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		   uint32_t op, void *buf, uint64_t off, uint32_t len)
-{
-	int fd = c->q->rep[r].fd;
-	struct iovec iov = { .iov_base = buf, .iov_len = len };
-	ssize_t ret;
-
-	switch (op) {
-	case QB_OP_READ:
-		ret = pread(fd, buf, len, (off_t)off);
-		break;
-	case QB_OP_WRITE:
-		ret = pwritev2(fd, &iov, 1, (off_t)off,
-			       (s->flags & QB_REQ_FUA) ? RWF_DSYNC : 0);
-		break;
-	case QB_OP_FLUSH:
-		ret = fdatasync(fd);
-		break;
-	default:
-		ret = fallocate(fd, zero_mode(c->q, r, op), (off_t)off,
-				(off_t)len);
-	}
-	return ret < 0 ? -errno : (int)ret;
-}
-
-/* Queue one replica I/O; an injected fault may replace it. */
-static void issue(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		  uint32_t kind, uint32_t idx, uint32_t op, void *buf,
-		  uint64_t off, uint32_t len)
-{
-	struct qb_quorum *q = c->q;
-	struct io_uring_sqe *sqe;
-	struct qb_fault f = { .kind = QB_FAULT_NONE };
-	uint64_t ud = ud_make(slot_no(c, s), s->gen, kind, r, idx);
-
-	if (qb_fault_match(q, r, op, off, len ? len : 1, &f)) {
-		if (f.kind == QB_FAULT_EIO) {
-			io_result(c, s, r, kind, -EIO, len, off);
-			return;
+		if (sqe) {
+			io_uring_prep_cancel_fd(sqe, s->hang_fd[r],
+						IORING_ASYNC_CANCEL_ALL);
+			sqe->user_data = ud_make(0, 0, K_IGNORE, 0, 0);
 		}
-		sqe = qb_ctx_sqe(c);
-		if (f.kind == QB_FAULT_HANG) {
-			io_uring_prep_poll_add(sqe, q->hang_fd, POLLIN);
-			sqe->user_data = ud;
-			goto queued;
-		}
-		s->delay[r].tv_sec = f.delay_ms / 1000;
-		s->delay[r].tv_nsec = (long long)(f.delay_ms % 1000) * 1000000;
-		io_uring_prep_timeout(sqe, &s->delay[r], 0,
-				      IORING_TIMEOUT_ETIME_SUCCESS);
-		sqe->flags |= IOSQE_IO_LINK;
-		sqe->user_data = ud_make(0, 0, K_IGNORE, 0, 0);
+		s->hang_fd[r] = -1;
 	}
-
-	count_replica_io(c, r, op, len);
-	if (q->rep[r].memory_fs && !f.kind) {
-		io_result(c, s, r, kind, sync_io(c, s, r, op, buf, off, len),
-			  len, off);
-		return;
+	if (o) {
+		o->slot = slot_no(c, s);
+		o->gen = s->gen;
+		o->replica = r;
+		o->left = n;
+		if (k >= 0)
+			o->buf[0] = set_aside(c, s, (uint32_t)k);
+		o->next = c->orphans;
+		c->orphans = o;
 	}
-	if (!f.kind && chunked(c, s, r, kind)) {
-		issue_chunks(c, s, r, op, buf);
-		return;
-	}
-	sqe = qb_ctx_sqe(c);
-	switch (op) {
-	case QB_OP_READ:
-		io_uring_prep_read(sqe, (int)r, buf, len, off);
-		break;
-	case QB_OP_WRITE:
-		io_uring_prep_write(sqe, (int)r, buf, len, off);
-		if (s->flags & QB_REQ_FUA)
-			sqe->rw_flags = RWF_DSYNC;
-		break;
-	case QB_OP_FLUSH:
-		io_uring_prep_fsync(sqe, (int)r, IORING_FSYNC_DATASYNC);
-		break;
-	default:
-		io_uring_prep_fallocate(sqe, (int)r, zero_mode(q, r, op), off,
-					len);
-		break;
-	}
-	sqe->flags |= IOSQE_FIXED_FILE;
-	sqe->user_data = ud;
-queued:
-	s->nout[r]++;
-	s->pending++;
-	arm_tick(c);
+	/* without a record its CQEs are dropped, and it stays owed */
+	qb_owed(c->q, r, (int)n);
+	__atomic_store_n(&c->link.out[r], c->link.out[r] - n, __ATOMIC_RELAXED);
+	s->pending -= n;
+	s->nout[r] = 0;
 }
 
-/* A slot's buffer for replica r that the kernel may still write into after
- * a timeout: give it up (never reused, never unmapped) and take a fresh one.
- * This happens at most once per replica and slot (the replica is out). */
-static void replace_buf(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
+/* A CQE of an abandoned I/O: true if it was one. */
+static bool orphan_cqe(struct qb_ctx *c, uint64_t ud)
 {
-	void *p = mmap(NULL, c->q->opt.max_io, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct orphan **p, *o;
 
-	c->abandoned = true;
-	if (p != MAP_FAILED)
-		s->buf[r] = p;
-}
-
-static void fail_replica(struct qb_ctx *c, uint32_t r, int err, uint64_t off,
-			 uint64_t len)
-{
-	QB_ADD(c->rep[r].errors, 1);
-	qb_replica_fail(c->q, r, -err, off, len);
-}
-
-/* Write-zeroes the slow way: zeros from q->zeros, one chunk at a time. */
-static void zero_next(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
-{
-	uint64_t left = s->off + s->len - s->zoff[r];
-	uint32_t len = left > c->q->opt.max_io ? c->q->opt.max_io :
-			(uint32_t)left;
-
-	issue(c, s, r, K_ZERO, 0, QB_OP_WRITE, c->q->zeros, s->zoff[r], len);
-}
-
-/* Fallocate was refused: step down to the next way of zeroing. */
-static bool zero_fallback(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
-{
-	struct qb_replica *rep = &c->q->rep[r];
-	int mode = __atomic_load_n(&rep->zero_mode, __ATOMIC_RELAXED);
-
-	if (s->op == QB_OP_DISCARD || mode == ZM_PUNCH) {
-		/* punching holes is what failed: write zeros */
-		__atomic_store_n(&rep->zero_mode, ZM_WRITE, __ATOMIC_RELAXED);
-	} else if (mode == ZM_FALLOC) {
-		__atomic_store_n(&rep->zero_mode, ZM_PUNCH, __ATOMIC_RELAXED);
-		issue(c, s, r, K_IO, 0, s->op, NULL, s->off, s->len);
+	for (p = &c->orphans; (o = *p); p = &o->next)
+		if (o->slot == ud_slot(ud) && o->gen == ud_gen(ud) &&
+		    o->replica == ud_rep(ud))
+			break;
+	if (!o)
+		return false;
+	qb_owed(c->q, o->replica, -1);
+	if (--o->left)
 		return true;
-	}
-	s->zoff[r] = s->off;
-	zero_next(c, s, r);
+	*p = o->next;
+	for (int i = 0; i < 2; i++)
+		if (o->buf[i])
+			buf_spare(c, o->buf[i]);
+	free(o);
 	return true;
 }
 
-static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		      uint32_t kind, int res, uint32_t want, uint64_t off)
+/* A slot's next generation: never one that an orphan of it still has. */
+static uint32_t next_gen(struct qb_ctx *c, struct qb_slot *s)
+{
+	uint32_t gen = (s->gen + 1) & UD_GEN_MASK;
+	struct orphan *o = c->orphans;
+
+	while (o) {
+		if (o->slot == slot_no(c, s) && o->gen == gen) {
+			gen = (gen + 1) & UD_GEN_MASK;
+			o = c->orphans;		/* again, for the new one */
+		} else {
+			o = o->next;
+		}
+	}
+	return gen;
+}
+
+/* ---- issuing and completing replica I/O ---- */
+
+void qb_io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		  uint32_t kind, int res, uint32_t want, uint64_t off)
 {
 	bool rw = s->op == QB_OP_READ || s->op == QB_OP_WRITE ||
 		  s->op == OP_SYNC || kind != K_IO;
 
 	if (kind == K_IO && res < 0 && (res == -EOPNOTSUPP || res == -EINVAL) &&
 	    (s->op == QB_OP_DISCARD || s->op == QB_OP_WRITE_ZEROES) &&
-	    zero_fallback(c, s, r))
+	    qb_zero_fallback(c, s, r))
 		return;
 	if (res >= 0 && rw && (uint32_t)res != want)
 		res = -EIO;	/* a short read or write is an error */
 	if (res < 0) {
 		if (res == -ECANCELED)
 			res = -ETIMEDOUT;
-		fail_replica(c, r, res, off, want);
+		QB_ADD(c->link.rep[r].errors, 1);
+		qb_replica_fail(c->q, r, -res, off, want);
 		s->bad |= 1u << r;
 		s->ok &= ~(1u << r);
 		return;
 	}
 	switch (kind) {
 	case K_ZERO:
-		s->zoff[r] += want;
-		if (s->zoff[r] < s->off + s->len) {
-			zero_next(c, s, r);
+		if (qb_zero_next(c, s, r))
 			return;
-		}
 		break;
 	case K_REPAIR:
-		QB_ADD(c->rep[r].repairs, want / c->q->opt.vote_block);
-		QB_ADD(c->dev.repairs, want / c->q->opt.vote_block);
+		QB_ADD(c->link.rep[r].repairs, want / c->q->opt.vote_block);
+		QB_ADD(c->link.dev.repairs, want / c->q->opt.vote_block);
 		qb_event(c->q, QB_EV_REPAIRED, (int)r, off, want, 0);
 		return;
 	case K_COPY:
@@ -555,78 +308,37 @@ static void io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		s->ok |= 1u << r;
 }
 
-/* A request's read or write as chunks its replica takes whole: chunk i
- * covers [i * chunk, (i + 1) * chunk) of it. */
-static bool chunked(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		    uint32_t kind)
-{
-	uint32_t chunk = c->q->rep[r].chunk;
-
-	return kind == K_IO && chunk && s->len > chunk &&
-	       (s->op == QB_OP_READ || s->op == QB_OP_WRITE ||
-		s->op == OP_SYNC);
-}
-
-static void issue_chunks(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-			 uint32_t op, char *buf)
-{
-	uint32_t chunk = c->q->rep[r].chunk;
-
-	for (uint32_t i = 0, pos = 0; pos < s->len; i++, pos += chunk) {
-		struct io_uring_sqe *sqe = qb_ctx_sqe(c);
-		uint32_t len = s->len - pos < chunk ? s->len - pos : chunk;
-
-		if (op == QB_OP_READ) {
-			io_uring_prep_read(sqe, (int)r, buf + pos, len,
-					   s->off + pos);
-		} else {
-			io_uring_prep_write(sqe, (int)r, buf + pos, len,
-					    s->off + pos);
-			if (s->flags & QB_REQ_FUA)
-				sqe->rw_flags = RWF_DSYNC;
-		}
-		sqe->flags |= IOSQE_FIXED_FILE;
-		sqe->user_data = ud_make(slot_no(c, s), s->gen, K_IO, r, i);
-		s->nout[r]++;
-		s->pending++;
-	}
-	arm_tick(c);
-}
-
 static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 {
 	struct qb_slot *s = &c->slots[ud_slot(ud)];
-	uint32_t r = ud_rep(ud), kind = ud_kind(ud), want = s->len;
-	uint64_t off = s->off;
+	uint32_t r = ud_rep(ud), kind = ud_kind(ud), want;
+	uint64_t off;
 
-	if (s->phase == PH_FREE || s->gen != ud_gen(ud) ||
-	    (s->dropped & (1u << r)))
-		return;		/* an abandoned I/O */
+	if (c->orphans && orphan_cqe(c, ud))
+		return;		/* a late completion */
+	if (ud_slot(ud) >= c->depth || s->phase == PH_FREE ||
+	    s->gen != ud_gen(ud) || !s->nout[r])
+		return;		/* none of ours: cannot happen */
 	s->nout[r]--;
+	__atomic_store_n(&c->link.out[r], c->link.out[r] - 1, __ATOMIC_RELAXED);
 	if (kind == K_REPAIR || kind == K_COPY) {
 		want = s->runs[ud_idx(ud)].len;
 		off = s->runs[ud_idx(ud)].off;
 	} else if (kind == K_ZERO) {
-		uint64_t left = s->off + s->len - s->zoff[r];
-
-		want = left > c->q->opt.max_io ? c->q->opt.max_io :
-		       (uint32_t)left;
+		want = qb_zero_want(c, s, r);
 		off = s->zoff[r];
-	} else if (s->op == QB_OP_FLUSH) {
-		want = 0;
-	} else if (chunked(c, s, r, kind)) {
-		uint32_t chunk = c->q->rep[r].chunk, pos = ud_idx(ud) * chunk;
-
-		want = s->len - pos < chunk ? s->len - pos : chunk;
-		off = s->off + pos;
+	} else {
+		qb_chunk_span(c, s, r, ud_idx(ud), &off, &want);
 	}
-	io_result(c, s, r, kind, res, want, off);
+	if (res == -ECANCELED && s->hang_fd[r] >= 0)
+		s->hang_fd[r] = -1;
+	qb_io_result(c, s, r, kind, res, want, off);
 	if (--s->pending == 0)
 		phase_done(c, s);
 }
 
-/* The replica timeout: I/Os out longer than it are abandoned, their
- * replicas taken out of service. */
+/* The replica timeout: replica I/Os out longer than it are abandoned and
+ * their replicas taken out of service. */
 static void tick(struct qb_ctx *c)
 {
 	uint64_t now = qb_now_ns();
@@ -635,40 +347,86 @@ static void tick(struct qb_ctx *c)
 	c->tick_armed = false;
 	for (uint32_t i = 0; i < c->depth; i++) {
 		struct qb_slot *s = &c->slots[i];
+		bool any = false;
 
-		if (s->phase == PH_FREE || s->deferred ||
-		    now - s->phase_start < limit)
+		if (!s->pending)
 			continue;
-		for (uint32_t r = 0; r < c->q->n; r++) {
-			struct io_uring_sqe *sqe;
-
-			if (!s->nout[r])
+		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+			if (!s->nout[r] || now - s->since[r] < limit)
 				continue;
-			sqe = qb_ctx_sqe(c);
-			io_uring_prep_cancel64(sqe, ud_make(i, s->gen, K_IO,
-							    r, 0), 0);
-			sqe->user_data = ud_make(0, 0, K_IGNORE, 0, 0);
-			if (s->phase == PH_READ || s->phase == PH_READ_MORE ||
-			    s->phase == PH_SYNC)
-				replace_buf(c, s, r);
-			s->dropped |= 1u << r;
-			s->pending -= s->nout[r];
-			s->nout[r] = 0;
-			QB_ADD(c->rep[r].timeouts, 1);
-			QB_ADD(c->dev.timeouts, 1);
-			fail_replica(c, r, -ETIMEDOUT, s->off, s->len);
+			abandon(c, s, r);
+			QB_ADD(c->link.rep[r].timeouts, 1);
+			QB_ADD(c->link.dev.timeouts, 1);
+			QB_ADD(c->link.rep[r].errors, 1);
+			qb_replica_fail(c->q, r, ETIMEDOUT, s->off, s->len);
+			s->bad |= 1u << r;
+			s->ok &= ~(1u << r);
+			any = true;
 		}
-		if (s->pending == 0)
+		if (any && s->pending == 0)
 			phase_done(c, s);
 	}
 	if (c->inflight)
-		arm_tick(c);
+		qb_arm_tick(c);
+}
+
+/* ---- parking: waiting for a metadata round ---- */
+
+static void arm_wake(struct qb_ctx *c)
+{
+	struct io_uring_sqe *sqe;
+
+	if (c->wake_armed || !(sqe = qb_ctx_sqe(c)))
+		return;
+	io_uring_prep_poll_add(sqe, c->link.wake_fd, POLLIN);
+	sqe->user_data = ud_make(0, 0, K_WAKE, 0, 0);
+	c->wake_armed = true;
+}
+
+static void park(struct qb_ctx *c, struct qb_slot *s, int phase,
+		 uint64_t round)
+{
+	s->phase = (uint8_t)phase;
+	s->ticket = round;
+	s->next = c->parked;
+	c->parked = s;
+	/* then the round's end is seen here, or the writer sees this */
+	__atomic_store_n(&c->link.waiting, 1, __ATOMIC_SEQ_CST);
+	arm_wake(c);
+}
+
+static void modify_issue(struct qb_ctx *c, struct qb_slot *s);
+
+static void unpark(struct qb_ctx *c)
+{
+	struct qb_slot *list = c->parked;
+	uint64_t done;
+
+	if (!list)
+		return;
+	done = qb_bitmap_done(c->q);
+	c->parked = NULL;
+	while (list) {
+		struct qb_slot *s = list;
+
+		list = s->next;
+		if (s->ticket > done) {
+			s->next = c->parked;
+			c->parked = s;
+		} else if (s->phase == PH_MARK) {
+			modify_issue(c, s);
+		} else {
+			qb_finish(c, s, s->result, 0, NULL);
+		}
+	}
+	if (!c->parked)
+		__atomic_store_n(&c->link.waiting, 0, __ATOMIC_SEQ_CST);
 }
 
 /* ---- requests ---- */
 
-static void finish(struct qb_ctx *c, struct qb_slot *s, int res, int kind,
-		   void *out)
+void qb_finish(struct qb_ctx *c, struct qb_slot *s, int res, int kind,
+	       void *out)
 {
 	s->phase = PH_FREE;
 	s->result = res;
@@ -676,25 +434,43 @@ static void finish(struct qb_ctx *c, struct qb_slot *s, int res, int kind,
 	s->out = out;
 	c->inflight--;
 	if (res < 0)
-		QB_ADD(c->dev.errors, 1);
+		QB_ADD(c->link.dev.errors, 1);
 	if (c->done)
 		c->done(c, slot_no(c, s), res, out, c->done_arg);
 }
 
-static void begin_phase(struct qb_slot *s, int phase)
+/* A write or flush that succeeded: acknowledged once every replica state
+ * change it may depend on is recorded (a crash then cannot bring back a
+ * replica that missed it as if current). */
+static void complete_modify(struct qb_ctx *c, struct qb_slot *s, int res)
+{
+	struct qb_quorum *q = c->q;
+	uint64_t round;
+
+	if (q->bitmap) {
+		round = qb_bitmap_states_round(q);
+		if (round > qb_bitmap_done(q)) {
+			s->result = res;
+			park(c, s, PH_STATES, round);
+			return;
+		}
+	}
+	qb_finish(c, s, res, 0, NULL);
+}
+
+void qb_begin_phase(struct qb_slot *s, int phase)
 {
 	s->phase = (uint8_t)phase;
 	s->pending = 1;		/* guard: the phase cannot end while issuing */
-	s->phase_start = qb_now_ns();
 }
 
 /* A phase whose I/Os all ended while it was issued (in-thread I/O, faults)
  * moves on from the loop, not from here: submitting never completes a
  * request inside the caller's own call. */
-static void end_issue(struct qb_ctx *c, struct qb_slot *s)
+void qb_end_issue(struct qb_ctx *c, struct qb_slot *s)
 {
 	if (--s->pending == 0) {
-		s->next_ready = c->ready;
+		s->next = c->ready;
 		c->ready = s;
 	}
 }
@@ -706,22 +482,57 @@ static bool run_ready(struct qb_ctx *c)
 	while (c->ready) {
 		struct qb_slot *s = c->ready;
 
-		c->ready = s->next_ready;
+		c->ready = s->next;
 		phase_done(c, s);
 	}
 	return any;
 }
 
-static void read_from(struct qb_ctx *c, struct qb_slot *s, uint32_t mask,
-		      int phase)
+/* Its blocks are held by another request: try again later. */
+void qb_defer(struct qb_ctx *c, struct qb_slot *s)
 {
-	begin_phase(s, phase);
+	s->phase = PH_HOLD;
+	s->next = c->deferred;
+	c->deferred = s;
+}
+
+uint32_t qb_blocks_of(struct qb_quorum *q, uint64_t off, uint64_t len)
+{
+	uint64_t vb = q->opt.vote_block;
+
+	return (uint32_t)((off + len + vb - 1) / vb - off / vb);
+}
+
+/*
+ * A replica attached since this ring registered its files: register it
+ * here, in the ring's own thread. Called before loading a replica mask: the
+ * attach bumps files_gen before it sets the replica's bit in any mask.
+ */
+static void sync_files(struct qb_ctx *c)
+{
+	struct qb_quorum *q = c->q;
+	uint32_t gen = __atomic_load_n(&q->files_gen, __ATOMIC_ACQUIRE);
+	int fds[QB_MAX_REPLICAS];
+
+	if (gen == c->files_gen)
+		return;
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		fds[r] = r < qb_replicas(q) ? q->rep[r].fd : -1;
+	if (io_uring_register_files_update(&c->ring, 0, fds,
+					   QB_MAX_REPLICAS) >= 0)
+		c->files_gen = gen;
+}
+
+void qb_read_from(struct qb_ctx *c, struct qb_slot *s, uint32_t mask,
+		  int phase)
+{
+	qb_begin_phase(s, phase);
 	s->tried |= mask;
 	for (uint32_t r = 0; mask; r++, mask >>= 1)
 		if (mask & 1)
-			issue(c, s, r, K_IO, 0, QB_OP_READ, s->buf[r], s->off,
-			      s->len);
-	end_issue(c, s);
+			qb_issue(c, s, r, K_IO, 0, QB_OP_READ, s->buf[r], s->off,
+				 s->len);
+	qb_end_issue(c, s);
 }
 
 /* The first k replicas of mask, counting from replica `from`, wrapping. */
@@ -743,83 +554,103 @@ static uint32_t pick(uint32_t mask, uint32_t n, uint32_t from, uint32_t k)
 static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 {
 	struct qb_quorum *q = c->q;
-	uint32_t mask = live;
+	uint32_t mask = live, n = qb_replicas(q);
 
-	s->nblocks = blocks_of(q, s->off, s->len);
-	snapshot(c, s);
+	s->nblocks = qb_blocks_of(q, s->off, s->len);
+	qb_hold_snapshot(q, qb_first_block(q, s->off), s->nblocks, s->snap);
 	if (q->opt.read_policy == QB_READ_THRESHOLD)
-		mask = pick(live, q->n, c->rr++ % q->n, q->opt.threshold);
+		mask = pick(live, n, c->rr++ % n, q->opt.threshold);
 	else if (q->opt.read_policy == QB_READ_FIFO)
-		mask = pick(live, q->n, 0, 1);
-	read_from(c, s, mask, PH_READ);
+		mask = pick(live, n, 0, 1);
+	qb_read_from(c, s, mask, PH_READ);
 }
 
-/*
- * A replica attached since this ring registered its files: register it
- * here, in the ring's own thread. Called after loading a replica mask: the
- * attach bumps files_gen before it sets the replica's bit in any mask.
- */
-static void sync_files(struct qb_ctx *c)
+/* The step of a write, discard or write-zeroes under way: hold its blocks
+ * against repairs, mark its regions, then issue it. */
+static void modify_step(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
-	uint32_t gen = __atomic_load_n(&q->files_gen, __ATOMIC_ACQUIRE);
-	int fds[QB_MAX_REPLICAS];
+	uint64_t round;
 
-	if (gen == c->files_gen)
+	if (!qb_hold_writers(q, qb_first_block(q, s->poff),
+			     qb_blocks_of(q, s->poff, s->plen))) {
+		qb_defer(c, s);		/* a repair is rewriting these blocks */
 		return;
-	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
-		fds[r] = r < qb_replicas(q) ? q->rep[r].fd : -1;
-	if (io_uring_register_files_update(&c->ring, 0, fds,
-					   QB_MAX_REPLICAS) >= 0)
-		c->files_gen = gen;
+	}
+	if (q->bitmap && (round = qb_bitmap_begin(q, s->poff, s->plen))) {
+		park(c, s, PH_MARK, round);
+		return;
+	}
+	modify_issue(c, s);
 }
 
-/* Its blocks are held by another request: start it again later. */
-static void defer(struct qb_ctx *c, struct qb_slot *s)
-{
-	s->deferred = true;
-	s->next_deferred = c->deferred;
-	c->deferred = s;
-}
-
-static void start_sync(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
+static void modify_issue(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
-	uint32_t need = (s->sync_flags & QB_SYNC_PLURALITY) ? 1 :
-			q->opt.threshold;
-	uint32_t mask = live;
+	uint32_t live;
 
-	if (qb_popcount(live) < need) {
-		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+	sync_files(c);
+	live = qb_writable(q);	/* resyncing replicas get writes too */
+	qb_begin_phase(s, PH_MODIFY);
+	s->ok = 0;
+	for (uint32_t r = 0; r < qb_replicas(q); r++) {
+		if (!(live & (1u << r)))
+			continue;
+		if (s->op == QB_OP_WRITE)
+			qb_issue(c, s, r, K_IO, 0, QB_OP_WRITE, s->src, s->poff,
+				 s->plen);
+		else
+			qb_zero_start(c, s, r);
+	}
+	qb_end_issue(c, s);
+}
+
+static uint32_t step_len(struct qb_slot *s)
+{
+	uint64_t left = s->off + s->len - s->poff;
+
+	if (s->op == QB_OP_WRITE)
+		return (uint32_t)left;
+	return left > QB_ZERO_STEP ? QB_ZERO_STEP : (uint32_t)left;
+}
+
+static void modify_done(struct qb_ctx *c, struct qb_slot *s)
+{
+	struct qb_quorum *q = c->q;
+
+	qb_release_writers(q, qb_first_block(q, s->poff),
+			   qb_blocks_of(q, s->poff, s->plen));
+	if (q->bitmap)
+		qb_bitmap_end(q, s->poff, s->plen);
+	/* only voters count: a resyncing replica's copy is no vote */
+	if (qb_popcount(s->ok & qb_in_service(q)) < q->opt.threshold) {
+		qb_finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
 	}
-	s->nblocks = blocks_of(q, s->off, s->len);
-	s->incomplete = false;
-	if (!sync_hold(c, s)) {
-		defer(c, s);
+	if (s->poff + s->plen < s->off + s->len) {
+		s->poff += s->plen;
+		s->plen = step_len(s);
+		modify_step(c, s);
 		return;
 	}
-	s->targets &= qb_writable(q) & ~live;
-	if (!(s->sync_flags & QB_SYNC_BLIND))
-		mask |= s->targets;
-	read_from(c, s, mask, PH_SYNC);
+	complete_modify(c, s, s->op == QB_OP_WRITE ? (int)s->len : 0);
 }
 
 static void start_request(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
-	uint32_t live = qb_in_service(q);
+	uint32_t live;
 
 	sync_files(c);
-
-	s->ok = s->tried = s->dropped = s->bad = 0;
+	live = qb_in_service(q);
+	s->ok = s->tried = s->bad = 0;
 	memset(s->nout, 0, sizeof(s->nout));
 	if (s->op == OP_SYNC) {
-		start_sync(c, s, live);
+		qb_start_sync(c, s, live);
 		return;
 	}
 	if (qb_popcount(live) < q->opt.threshold) {
-		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+		qb_finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
 	}
 	if (s->op == QB_OP_READ) {
@@ -829,36 +660,16 @@ static void start_request(struct qb_ctx *c, struct qb_slot *s)
 	if (s->op == QB_OP_FLUSH) {
 		uint32_t wr = qb_writable(q);
 
-		sync_files(c);
-		begin_phase(s, PH_FLUSH);
-		for (uint32_t r = 0; r < q->n; r++)
+		qb_begin_phase(s, PH_FLUSH);
+		for (uint32_t r = 0; r < qb_replicas(q); r++)
 			if (wr & (1u << r))
-				issue(c, s, r, K_IO, 0, QB_OP_FLUSH, NULL, 0, 0);
-		end_issue(c, s);
+				qb_issue(c, s, r, K_IO, 0, QB_OP_FLUSH, NULL, 0, 0);
+		qb_end_issue(c, s);
 		return;
 	}
-	if (!writers_hold(c, s)) {	/* a repair is rewriting these blocks */
-		defer(c, s);
-		return;
-	}
-	if (q->wil)	/* the regions are marked dirty on stable storage */
-		qb_wil_begin(q, s->off, s->len);
-	live = qb_writable(q);	/* resyncing replicas get writes too */
-	sync_files(c);
-	begin_phase(s, PH_MODIFY);
-	for (uint32_t r = 0; r < q->n; r++) {
-		if (!(live & (1u << r)))
-			continue;
-		if (s->op != QB_OP_WRITE &&
-		    __atomic_load_n(&q->rep[r].zero_mode, __ATOMIC_RELAXED) ==
-		    ZM_WRITE) {
-			s->zoff[r] = s->off;
-			zero_next(c, s, r);
-		} else {
-			issue(c, s, r, K_IO, 0, s->op, s->src, s->off, s->len);
-		}
-	}
-	end_issue(c, s);
+	s->poff = s->off;
+	s->plen = step_len(s);
+	modify_step(c, s);
 }
 
 static void retry_deferred(struct qb_ctx *c)
@@ -869,19 +680,21 @@ static void retry_deferred(struct qb_ctx *c)
 	while (list) {
 		struct qb_slot *s = list;
 
-		list = s->next_deferred;
-		s->deferred = false;
-		start_request(c, s);
+		list = s->next;
+		if (s->op == OP_SYNC)
+			qb_start_sync(c, s, qb_in_service(c->q));
+		else
+			modify_step(c, s);
 	}
 }
 
 /* Report a run of blocks [from, to) of a request. */
-static void report(struct qb_ctx *c, struct qb_slot *s, uint32_t type, int r,
-		   uint32_t from, uint32_t to)
+void qb_report(struct qb_ctx *c, struct qb_slot *s, uint32_t type, int r,
+	       uint32_t from, uint32_t to)
 {
 	uint64_t vb = c->q->opt.vote_block;
-	uint64_t start = (first_block(c->q, s->off) + from) * vb;
-	uint64_t end = (first_block(c->q, s->off) + to) * vb;
+	uint64_t start = (qb_first_block(c->q, s->off) + from) * vb;
+	uint64_t end = (qb_first_block(c->q, s->off) + to) * vb;
 
 	if (start < s->off)
 		start = s->off;
@@ -892,11 +705,11 @@ static void report(struct qb_ctx *c, struct qb_slot *s, uint32_t type, int r,
 }
 
 /* Block i of the request as [*rel, *rel + *len) of its buffer. */
-static void block_span(struct qb_ctx *c, struct qb_slot *s, uint32_t i,
-		       uint32_t *rel, uint32_t *len)
+void qb_block_span(struct qb_ctx *c, struct qb_slot *s, uint32_t i,
+		   uint32_t *rel, uint32_t *len)
 {
 	uint64_t vb = c->q->opt.vote_block;
-	uint64_t start = (first_block(c->q, s->off) + i) * vb;
+	uint64_t start = (qb_first_block(c->q, s->off) + i) * vb;
 	uint64_t end = start + vb;
 
 	if (start < s->off)
@@ -918,7 +731,7 @@ static void report_no_quorum(struct qb_ctx *c, struct qb_slot *s)
 		if (nq && from < 0)
 			from = (int)i;
 		if (!nq && from >= 0) {
-			report(c, s, QB_EV_QUORUM_FAILURE, -1, (uint32_t)from, i);
+			qb_report(c, s, QB_EV_QUORUM_FAILURE, -1, (uint32_t)from, i);
 			from = -1;
 		}
 	}
@@ -926,21 +739,21 @@ static void report_no_quorum(struct qb_ctx *c, struct qb_slot *s)
 
 /* Vote each block over the voters in mask, at least thr of them agreeing;
  * blocks without quorum are marked and reported. Returns how many. */
-static uint32_t vote_blocks(struct qb_ctx *c, struct qb_slot *s,
-			    uint32_t mask, uint32_t thr)
+uint32_t qb_vote_blocks(struct qb_ctx *c, struct qb_slot *s, uint32_t mask,
+			uint32_t thr)
 {
 	struct qb_quorum *q = c->q;
 	const void *bufs[QB_MAX_REPLICAS];
-	uint32_t nq = 0;
+	uint32_t nq = 0, n = qb_replicas(q);
 
 	for (uint32_t i = 0; i < s->nblocks; i++) {
 		uint32_t rel, len;
 
-		block_span(c, s, i, &rel, &len);
-		for (uint32_t r = 0; r < q->n; r++)
+		qb_block_span(c, s, i, &rel, &len);
+		for (uint32_t r = 0; r < n; r++)
 			bufs[r] = (mask & (1u << r)) ?
 				  (char *)s->buf[r] + rel : NULL;
-		if (qb_vote(bufs, q->n, len, thr, q->opt.hash, &s->win[i]) < 0) {
+		if (qb_vote(bufs, n, len, thr, q->opt.hash, &s->win[i]) < 0) {
 			s->win[i] |= WIN_NO_QUORUM;
 			nq++;
 		}
@@ -952,41 +765,45 @@ static uint32_t vote_blocks(struct qb_ctx *c, struct qb_slot *s,
 
 static bool raced(struct qb_ctx *c, struct qb_slot *s)
 {
+	uint64_t b0 = qb_first_block(c->q, s->off);
+
 	for (uint32_t i = 0; i < s->nblocks; i++)
-		if (!block_unchanged(c, s, i))
+		if (!qb_hold_unchanged(c->q, b0 + i, s->snap[i]))
 			return true;
 	return false;
 }
 
 /* Put the winning copy of every block into the base buffer (a copy only
  * where the base replica lost that block). */
-static uint32_t assemble(struct qb_ctx *c, struct qb_slot *s)
+uint32_t qb_assemble(struct qb_ctx *c, struct qb_slot *s)
 {
-	uint32_t base = (uint32_t)__builtin_ctz(s->win[0]);
+	uint32_t base = (uint32_t)__builtin_ctz(s->win[0] & ~(WIN_NO_QUORUM |
+							      WIN_DIFFER));
 
 	for (uint32_t i = 1; i < s->nblocks; i++) {
 		uint32_t rel, len, from;
 
 		if (s->win[i] & (1u << base))
 			continue;
-		block_span(c, s, i, &rel, &len);
+		qb_block_span(c, s, i, &rel, &len);
 		from = (uint32_t)__builtin_ctz(s->win[i]);
 		memcpy((char *)s->buf[base] + rel, (char *)s->buf[from] + rel,
 		       len);
 	}
+	s->base = (uint8_t)base;
 	return base;
 }
 
-static void add_run(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		    uint32_t from, uint32_t to)
+void qb_add_run(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
+		uint32_t from, uint32_t to)
 {
 	uint32_t rel, len, last_rel, last_len;
 	struct run *run;
 
 	if (s->nruns == QB_MAX_RUNS)
 		return;		/* the rest waits for another read */
-	block_span(c, s, from, &rel, &len);
-	block_span(c, s, to - 1, &last_rel, &last_len);
+	qb_block_span(c, s, from, &rel, &len);
+	qb_block_span(c, s, to - 1, &last_rel, &last_len);
 	run = &s->runs[s->nruns];
 	run->rel = rel;
 	run->off = s->off + rel;
@@ -994,13 +811,30 @@ static void add_run(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 	s->run_rep[s->nruns++] = (uint8_t)r;
 }
 
+/* Hold blocks [from, to) for their repair: all of them or none. */
+static bool hold_run(struct qb_ctx *c, struct qb_slot *s, uint32_t from,
+		     uint32_t to)
+{
+	uint64_t b0 = qb_first_block(c->q, s->off);
+
+	for (uint32_t j = from; j < to; j++) {
+		if (s->held[j])
+			continue;
+		if (!qb_hold_repair(c->q, b0 + j, s->snap[j]))
+			return false;
+		s->held[j] = 1;
+	}
+	return true;
+}
+
 /* Report losing blocks per replica and plan their repair. */
 static void losers(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
+	uint64_t b0 = qb_first_block(q, s->off);
 
 	s->nruns = 0;
-	for (uint32_t r = 0; r < q->n; r++) {
+	for (uint32_t r = 0; r < qb_replicas(q); r++) {
 		uint32_t bit = 1u << r, from = 0;
 		bool in_run = false;
 
@@ -1008,26 +842,28 @@ static void losers(struct qb_ctx *c, struct qb_slot *s)
 			continue;
 		for (uint32_t i = 0; i <= s->nblocks; i++) {
 			bool lose = i < s->nblocks && !(s->win[i] & bit) &&
-				    (s->held[i] || block_unchanged(c, s, i));
+				    (s->held[i] ||
+				     qb_hold_unchanged(q, b0 + i, s->snap[i]));
 
 			if (lose && !in_run) {
 				from = i;
 				in_run = true;
 			} else if (!lose && in_run) {
 				in_run = false;
-				report(c, s, QB_EV_BAD_BLOCK, (int)r, from, i);
-				QB_ADD(c->rep[r].bad_blocks, i - from);
-				QB_ADD(c->dev.bad_blocks, i - from);
-				if (q->opt.repair)
-					for (uint32_t j = from; j < i; j++)
-						if (!s->held[j] && !repair_hold(c, s, j))
-							goto skip;
-				if (q->opt.repair)
-					add_run(c, s, r, from, i);
-skip:;
+				qb_report(c, s, QB_EV_BAD_BLOCK, (int)r, from, i);
+				QB_ADD(c->link.rep[r].bad_blocks, i - from);
+				QB_ADD(c->link.dev.bad_blocks, i - from);
+				if (q->opt.repair && hold_run(c, s, from, i))
+					qb_add_run(c, s, r, from, i);
 			}
 		}
 	}
+}
+
+static void release_repairs(struct qb_ctx *c, struct qb_slot *s)
+{
+	qb_hold_release(c->q, qb_first_block(c->q, s->off), s->nblocks,
+			s->held);
 }
 
 static void vote_and_finish(struct qb_ctx *c, struct qb_slot *s)
@@ -1036,182 +872,75 @@ static void vote_and_finish(struct qb_ctx *c, struct qb_slot *s)
 	uint32_t base;
 
 	if (qb_popcount(s->ok) < q->opt.threshold) {
-		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+		qb_finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
 	}
 	if (qb_all_equal(s->buf, s->ok, s->len)) {
-		finish(c, s, (int)s->len, 0,
-		       s->buf[__builtin_ctz(s->ok)]);
+		qb_finish(c, s, (int)s->len, 0, s->buf[__builtin_ctz(s->ok)]);
 		return;
 	}
-	if (vote_blocks(c, s, s->ok, q->opt.threshold)) {
+	if (qb_vote_blocks(c, s, s->ok, q->opt.threshold)) {
 		if (raced(c, s) && s->retries++ < QB_RETRIES) {
-			s->gen++;	/* late CQEs of this attempt are stale */
+			s->gen = next_gen(c, s);	/* a new attempt */
 			start_request(c, s);
 			return;
 		}
-		QB_ADD(c->dev.quorum_failures, 1);
-		finish(c, s, -EIO, QB_ERR_NO_QUORUM, NULL);
+		QB_ADD(c->link.dev.quorum_failures, 1);
+		qb_finish(c, s, -EIO, QB_ERR_NO_QUORUM, NULL);
 		return;
 	}
-	base = assemble(c, s);
+	base = qb_assemble(c, s);
 	s->out = s->buf[base];
 	losers(c, s);
 	if (!s->nruns) {
-		repair_release(c, s);
-		finish(c, s, (int)s->len, 0, s->out);
+		release_repairs(c, s);
+		qb_finish(c, s, (int)s->len, 0, s->out);
 		return;
 	}
-	begin_phase(s, PH_REPAIR);
+	qb_begin_phase(s, PH_REPAIR);
 	s->ok = 0;
 	for (uint32_t i = 0; i < s->nruns; i++) {
 		struct run *run = &s->runs[i];
 
-		issue(c, s, s->run_rep[i], K_REPAIR, i, QB_OP_WRITE,
-		      (char *)s->buf[base] + run->rel, run->off, run->len);
+		qb_issue(c, s, s->run_rep[i], K_REPAIR, i, QB_OP_WRITE,
+			 (char *)s->buf[base] + run->rel, run->off, run->len);
 	}
-	end_issue(c, s);
+	qb_end_issue(c, s);
 }
 
 static void read_done(struct qb_ctx *c, struct qb_slot *s)
 {
 	struct qb_quorum *q = c->q;
-	uint32_t more = qb_in_service(q) & ~s->tried;
+	uint32_t more = qb_in_service(q) & ~s->tried, n = qb_replicas(q);
 
 	switch (q->opt.read_policy) {
 	case QB_READ_FIFO:
 		if (s->ok) {
-			finish(c, s, (int)s->len, 0,
-			       s->buf[__builtin_ctz(s->ok)]);
+			qb_finish(c, s, (int)s->len, 0,
+				  s->buf[__builtin_ctz(s->ok)]);
 			return;
 		}
 		if (more) {
-			read_from(c, s, pick(more, q->n, 0, 1), PH_READ_MORE);
+			qb_read_from(c, s, pick(more, n, 0, 1), PH_READ_MORE);
 			return;
 		}
-		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+		qb_finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
 	case QB_READ_THRESHOLD:
 		if (s->phase != PH_READ)
 			break;
 		if (s->ok == s->tried && qb_all_equal(s->buf, s->ok, s->len)) {
-			finish(c, s, (int)s->len, 0,
-			       s->buf[__builtin_ctz(s->ok)]);
+			qb_finish(c, s, (int)s->len, 0,
+				  s->buf[__builtin_ctz(s->ok)]);
 			return;
 		}
 		if (more) {
-			read_from(c, s, more, PH_READ_MORE);
+			qb_read_from(c, s, more, PH_READ_MORE);
 			return;
 		}
 		break;
 	}
 	vote_and_finish(c, s);
-}
-
-/* ---- resync and scrub ---- */
-
-/* What replica r's copy of block i needs: 0 nothing (it holds the winner),
- * 1 the winner, 2 leave it (no quorum). */
-static int sync_need(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		     uint32_t i, uint32_t base)
-{
-	uint32_t rel, len;
-
-	if (s->win[i] & WIN_NO_QUORUM)
-		return 2;
-	if (!(s->targets & (1u << r)))
-		return !(s->win[i] & (1u << r));
-	if (s->sync_flags & QB_SYNC_BLIND)
-		return 1;
-	block_span(c, s, i, &rel, &len);
-	return memcmp((char *)s->buf[r] + rel, (char *)s->buf[base] + rel,
-		      len) != 0;
-}
-
-/* Plan replica r's rewrite: one run per stretch of blocks it must get. A
- * target's runs bridge blocks it already holds right (rewriting those
- * changes nothing, and fewer, longer writes fill it faster), never a block
- * without quorum; a voter's runs are its losing blocks exactly, as its
- * "repaired" events and counters say. Counts and reports losing copies. */
-static void sync_plan(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
-		      uint32_t base, struct qb_sync_result *res)
-{
-	bool voter = !(s->targets & (1u << r));
-	int from = -1, bad_from = -1;
-	uint32_t last = 0;
-
-	for (uint32_t i = 0; i <= s->nblocks; i++) {
-		int need = i < s->nblocks ? sync_need(c, s, r, i, base) : 2;
-
-		if (need == 1) {
-			if (from < 0)
-				from = (int)i;
-			if (bad_from < 0)
-				bad_from = (int)i;
-			last = i;
-			s->win[i] |= WIN_DIFFER;
-			res->bad[r]++;
-			if (!(s->sync_flags & QB_SYNC_NO_WRITE))
-				res->written++;
-			continue;
-		}
-		if (bad_from >= 0 && voter && !s->again) {
-			report(c, s, QB_EV_BAD_BLOCK, (int)r, (uint32_t)bad_from,
-			       i);
-			QB_ADD(c->rep[r].bad_blocks, i - (uint32_t)bad_from);
-			QB_ADD(c->dev.bad_blocks, i - (uint32_t)bad_from);
-		}
-		bad_from = -1;
-		if ((need == 2 || voter) && from >= 0) {
-			if (s->nruns == QB_MAX_RUNS)
-				s->incomplete = true;
-			add_run(c, s, r, (uint32_t)from, last + 1);
-			from = -1;
-		}
-	}
-}
-
-static void sync_voted(struct qb_ctx *c, struct qb_slot *s)
-{
-	struct qb_quorum *q = c->q;
-	/* a second pass only writes what did not fit: counted the first time */
-	struct qb_sync_result scratch = { 0 };
-	struct qb_sync_result *res = s->again ? &scratch : c->sync_res;
-	uint32_t voters = s->ok & qb_in_service(q);
-	uint32_t thr = (s->sync_flags & QB_SYNC_PLURALITY) ? 1 :
-		       q->opt.threshold;
-	uint32_t base;
-
-	s->targets &= qb_writable(q) & ~s->bad;	/* failed ones are out */
-	if (qb_popcount(voters) < thr) {
-		repair_release(c, s);
-		finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
-		return;
-	}
-	res->unrecoverable += vote_blocks(c, s, voters, thr);
-	base = assemble(c, s);
-	s->nruns = 0;
-	for (uint32_t r = 0; r < q->n; r++)
-		if ((voters | s->targets) & (1u << r))
-			sync_plan(c, s, r, base, res);
-	res->blocks += s->nblocks;
-	for (uint32_t i = 0; i < s->nblocks; i++)
-		res->differing += !!(s->win[i] & WIN_DIFFER);
-	if ((s->sync_flags & QB_SYNC_NO_WRITE) || !s->nruns) {
-		repair_release(c, s);
-		finish(c, s, (int)s->len, 0, NULL);
-		return;
-	}
-	begin_phase(s, PH_SYNC_WRITE);
-	for (uint32_t i = 0; i < s->nruns; i++) {
-		struct run *run = &s->runs[i];
-		uint32_t r = s->run_rep[i];
-
-		issue(c, s, r, (s->targets & (1u << r)) ? K_COPY : K_REPAIR, i,
-		      QB_OP_WRITE, (char *)s->buf[base] + run->rel, run->off,
-		      run->len);
-	}
-	end_issue(c, s);
 }
 
 static void phase_done(struct qb_ctx *c, struct qb_slot *s)
@@ -1224,64 +953,67 @@ static void phase_done(struct qb_ctx *c, struct qb_slot *s)
 		read_done(c, s);
 		return;
 	case PH_SYNC:
-		sync_voted(c, s);
+		qb_sync_voted(c, s);
 		return;
 	case PH_SYNC_WRITE:
-		repair_release(c, s);
-		finish(c, s, (int)s->len, 0, NULL);
+		release_repairs(c, s);
+		qb_finish(c, s, (int)s->len, 0, NULL);
 		return;
 	case PH_REPAIR:
-		repair_release(c, s);
-		finish(c, s, (int)s->len, 0, s->out);
+		release_repairs(c, s);
+		qb_finish(c, s, (int)s->len, 0, s->out);
 		return;
 	case PH_MODIFY:
-		writers_done(c, s);
-		if (q->wil)
-			qb_wil_end(q, s->off, s->len);
-		/* fall through */
+		modify_done(c, s);
+		return;
 	case PH_FLUSH:
-		/* only voters count: a resyncing replica's copy is no vote */
 		if (qb_popcount(s->ok & qb_in_service(q)) >= q->opt.threshold)
-			finish(c, s, s->op == QB_OP_WRITE ? (int)s->len : 0, 0,
-			       NULL);
+			complete_modify(c, s, 0);
 		else
-			finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
+			qb_finish(c, s, -EIO, QB_ERR_DEGRADED, NULL);
 		return;
 	}
 }
 
 static void count_request(struct qb_ctx *c, uint32_t op, uint32_t len)
 {
+	struct qb_counters *d = &c->link.dev;
+
 	switch (op) {
 	case QB_OP_READ:
-		QB_ADD(c->dev.reads, 1);
-		QB_ADD(c->dev.read_bytes, len);
+		QB_ADD(d->reads, 1);
+		QB_ADD(d->read_bytes, len);
 		break;
 	case QB_OP_WRITE:
-		QB_ADD(c->dev.writes, 1);
-		QB_ADD(c->dev.write_bytes, len);
+		QB_ADD(d->writes, 1);
+		QB_ADD(d->write_bytes, len);
 		break;
 	case QB_OP_FLUSH:
-		QB_ADD(c->dev.flushes, 1);
+		QB_ADD(d->flushes, 1);
 		break;
 	case QB_OP_DISCARD:
-		QB_ADD(c->dev.discards, 1);
+		QB_ADD(d->discards, 1);
 		break;
 	case QB_OP_WRITE_ZEROES:
-		QB_ADD(c->dev.write_zeroes, 1);
+		QB_ADD(d->write_zeroes, 1);
 		break;
 	}
 }
 
-static void launch(struct qb_ctx *c, struct qb_slot *s, uint32_t op,
-		   uint32_t flags, uint64_t offset, uint32_t length, void *src)
+void qb_launch(struct qb_ctx *c, struct qb_slot *s, uint32_t op,
+	       uint32_t flags, uint64_t offset, uint32_t length, void *src)
 {
-	s->gen++;
+	s->gen = next_gen(c, s);
 	s->op = (uint8_t)op;
 	s->flags = (uint8_t)flags;
-	s->off = op == QB_OP_FLUSH ? 0 : offset;
-	s->len = op == QB_OP_FLUSH ? 0 : length;
+	s->off = s->poff = op == QB_OP_FLUSH ? 0 : offset;
+	s->len = s->plen = op == QB_OP_FLUSH ? 0 : length;
 	s->src = src;
+	s->src_buf = -1;
+	if (op == QB_OP_WRITE)
+		for (int k = 0; k < QB_MAX_REPLICAS; k++)
+			if (s->buf[k] == src)
+				s->src_buf = (int8_t)k;
 	s->retries = 0;
 	s->out = NULL;
 	c->inflight++;
@@ -1293,8 +1025,7 @@ int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 {
 	struct qb_quorum *q = c->q;
 
-	if (slot >= c->depth || c->slots[slot].phase != PH_FREE ||
-	    c->slots[slot].deferred)
+	if (slot >= c->depth || c->slots[slot].phase != PH_FREE)
 		return qb_err(EBUSY, QB_ERR_INVALID, "slot %u is busy or out of range",
 			      slot);
 	if (op != QB_OP_READ && op != QB_OP_WRITE && op != QB_OP_FLUSH &&
@@ -1318,12 +1049,34 @@ int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 				      "I/O length %u is above max_io (%u)",
 				      length, q->opt.max_io);
 	}
+	if (op == QB_OP_WRITE) {
+		bool own = false;
+
+		for (int k = 0; k < QB_MAX_REPLICAS; k++)
+			own |= c->slots[slot].buf[k] == src;
+		if (!own)
+			return qb_err(EINVAL, QB_ERR_INVALID,
+				      "a write's data must be in one of its slot's buffers (qb_ctx_buf)");
+	}
 	count_request(c, op, length);
-	launch(c, &c->slots[slot], op, flags, offset, length, src);
+	qb_launch(c, &c->slots[slot], op, flags, offset, length, src);
 	return 0;
 }
 
 /* ---- the loop ---- */
+
+static void wake_cqe(struct qb_ctx *c)
+{
+	uint64_t count;
+
+	c->wake_armed = false;
+	if (read(c->link.wake_fd, &count, sizeof(count)) < 0) {
+		/* nothing pending: woken already */
+	}
+	unpark(c);
+	if (c->parked)
+		arm_wake(c);
+}
 
 static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe)
 {
@@ -1340,30 +1093,50 @@ static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe)
 		return;
 	case K_IGNORE:
 		return;
+	case K_WAKE:
+		wake_cqe(c);
+		return;
 	default:
 		io_cqe(c, ud, cqe->res);
 	}
 }
 
+static void run_backlog(struct qb_ctx *c)
+{
+	for (uint32_t i = 0; i < c->nbacklog; i++) {
+		struct io_uring_cqe cqe = {
+			.user_data = c->backlog[i].user_data,
+			.res = c->backlog[i].res,
+			.flags = c->backlog[i].flags,
+		};
+
+		handle_cqe(c, &cqe);
+	}
+	c->nbacklog = 0;
+}
+
+static void reap_zombies(struct qb_quorum *q);
+
 /*
  * How many CQEs can arrive before any request can move on: the fewest I/Os
- * that any active phase still waits for. Waiting for that many instead of
- * one saves wake-ups and loses nothing. (A ublk fetch or the tick also
- * counts as a CQE, so the wait never outlasts what can happen.)
+ * that any phase with I/O out still waits for. Waiting for that many
+ * instead of one saves wake-ups and loses nothing. (A ublk fetch, the tick
+ * or a wake-up also counts as a CQE, so the wait never outlasts what can
+ * happen.)
  */
 static uint32_t progress_bound(struct qb_ctx *c)
 {
 	uint32_t m = UINT32_MAX;
 
-	if (!c->inflight)
+	if (!c->inflight || c->parked)
 		return 1;
 	for (uint32_t i = 0; i < c->depth && m > 1; i++) {
 		struct qb_slot *s = &c->slots[i];
 
-		if (s->phase != PH_FREE && s->pending < m)
+		if (s->pending && s->pending < m)
 			m = s->pending;
 	}
-	return m == UINT32_MAX || !m ? 1 : m;
+	return m == UINT32_MAX ? 1 : m;
 }
 
 int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
@@ -1372,7 +1145,14 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 	unsigned head, seen = 0;
 	int ret;
 
+	if (c->nbacklog) {
+		run_backlog(c);
+		wait_nr = 0;
+	}
+	if (__atomic_load_n(&c->q->zombies, __ATOMIC_ACQUIRE))
+		reap_zombies(c->q);
 	retry_deferred(c);
+	unpark(c);
 	if (run_ready(c))
 		wait_nr = 0;	/* progress made: do not block */
 	else if (wait_nr == 1)
@@ -1388,7 +1168,9 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 	} else {
 		ret = io_uring_submit_and_wait(&c->ring, wait_nr);
 	}
-	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY)
+	if (ret == -EBUSY || ret == -EAGAIN)
+		ret = 0;	/* CQEs to reap first: done below */
+	if (ret < 0 && ret != -EINTR)
 		return qb_err(-ret, QB_ERR_OTHER, "io_uring: %s",
 			      strerror(-ret));
 	io_uring_for_each_cqe(&c->ring, head, cqe) {
@@ -1396,32 +1178,53 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 		seen++;
 	}
 	io_uring_cq_advance(&c->ring, seen);
+	run_backlog(c);
 	run_ready(c);
 	return 0;
 }
 
+int qb_ctx_poll(struct qb_ctx *c)
+{
+	qb_err_clear();
+	return qb_ctx_run(c, 0);
+}
+
 /* ---- life cycle ---- */
+
+static uint32_t pow2_at_least(uint64_t v, uint32_t lo, uint32_t hi)
+{
+	uint32_t e = lo;
+
+	while (e < v && e < hi)
+		e <<= 1;
+	return e;
+}
 
 static int ring_init(struct qb_ctx *c, uint32_t flags)
 {
 	struct qb_quorum *q = c->q;
 	struct io_uring_params p;
-	uint32_t entries = 64;
 	int fds[QB_MAX_REPLICAS];
 	int ret;
 
-	while (entries < c->depth * (q->n + 2) && entries < 4096)
-		entries <<= 1;
 	memset(&p, 0, sizeof(p));
+	/* CQEs: a replica I/O of every slot on as many replicas as a set can
+	 * have, with fault heads; beyond that the kernel keeps them
+	 * (IORING_FEAT_NODROP) and qb_ctx_sqe makes room */
 	p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SINGLE_ISSUER |
 		  IORING_SETUP_CQSIZE;
-	p.cq_entries = entries * 2;
+	p.cq_entries = pow2_at_least((uint64_t)c->depth *
+				     (2 * QB_MAX_REPLICAS + 4), 128, 65536);
 	if (flags & QB_CTX_SQE128)
 		p.flags |= IORING_SETUP_SQE128;
-	ret = io_uring_queue_init_params(entries, &c->ring, &p);
+	ret = io_uring_queue_init_params(pow2_at_least(c->depth * 4ULL, 64,
+						       4096),
+					 &c->ring, &p);
 	if (ret == -EINVAL) {	/* an older kernel: plain ring */
 		p.flags &= IORING_SETUP_SQE128 | IORING_SETUP_CQSIZE;
-		ret = io_uring_queue_init_params(entries, &c->ring, &p);
+		ret = io_uring_queue_init_params(pow2_at_least(c->depth * 4ULL,
+							       64, 4096),
+						 &c->ring, &p);
 	}
 	if (ret < 0)
 		return qb_err(-ret, QB_ERR_OTHER, "io_uring setup: %s",
@@ -1429,7 +1232,7 @@ static int ring_init(struct qb_ctx *c, uint32_t flags)
 	c->ring_ok = true;
 	/* every index a replica can take: one attached later fills its own */
 	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
-		fds[r] = r < q->n ? q->rep[r].fd : -1;
+		fds[r] = r < qb_replicas(q) ? q->rep[r].fd : -1;
 	c->files_gen = __atomic_load_n(&q->files_gen, __ATOMIC_ACQUIRE);
 	ret = io_uring_register_files(&c->ring, fds, QB_MAX_REPLICAS);
 	if (ret < 0)
@@ -1437,6 +1240,11 @@ static int ring_init(struct qb_ctx *c, uint32_t flags)
 			      "io_uring: cannot register the replicas: %s",
 			      strerror(-ret));
 	return 0;
+}
+
+static size_t bufmem_len(struct qb_ctx *c)
+{
+	return (size_t)c->q->opt.max_io * QB_MAX_REPLICAS * c->depth;
 }
 
 static int slots_init(struct qb_ctx *c)
@@ -1451,18 +1259,20 @@ static int slots_init(struct qb_ctx *c)
 	if (!c->slots)
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	/* buffers are touched only as I/O needs them */
-	mem = mmap(NULL, per * c->depth, PROT_READ | PROT_WRITE,
+	mem = mmap(NULL, bufmem_len(c), PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (mem == MAP_FAILED)
 		return qb_err(ENOMEM, QB_ERR_OTHER,
 			      "cannot map %zu bytes of request buffers",
-			      per * c->depth);
+			      bufmem_len(c));
 	c->bufmem = mem;
 	for (uint32_t i = 0; i < c->depth; i++) {
 		struct qb_slot *s = &c->slots[i];
 
-		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
 			s->buf[r] = mem + per * i + (size_t)q->opt.max_io * r;
+			s->hang_fd[r] = -1;
+		}
 		s->snap = calloc(c->max_blocks, sizeof(*s->snap));
 		s->win = calloc(c->max_blocks, sizeof(*s->win));
 		s->held = calloc(c->max_blocks, 1);
@@ -1470,6 +1280,86 @@ static int slots_init(struct qb_ctx *c)
 			return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	}
 	return 0;
+}
+
+static void slots_free(struct qb_ctx *c)
+{
+	if (!c->slots)
+		return;
+	for (uint32_t i = 0; i < c->depth; i++) {
+		free(c->slots[i].snap);
+		free(c->slots[i].win);
+		free(c->slots[i].held);
+	}
+	free(c->slots);
+	c->slots = NULL;
+}
+
+/* The context's memory once its ring is gone; buffers only when no I/O
+ * can still use them. */
+static void ctx_free(struct qb_ctx *c, bool unmap)
+{
+	if (unmap) {
+		if (c->bufmem)
+			munmap(c->bufmem, bufmem_len(c));
+		for (uint32_t i = 0; i < c->nmapped; i++)
+			munmap(c->mapped[i], c->q->opt.max_io);
+	}
+	while (c->orphans) {
+		struct orphan *o = c->orphans;
+
+		c->orphans = o->next;
+		free(o);
+	}
+	if (c->link.wake_fd >= 0)
+		close(c->link.wake_fd);
+	slots_free(c);
+	free(c->spare);
+	free(c->mapped);
+	free(c->backlog);
+	free(c);
+}
+
+/* The quorum closes with this zombie's I/O still owed: its ring goes (the
+ * kernel waits for that I/O itself), its buffers stay mapped. */
+static void zombie_release(struct qb_ctx_link *l)
+{
+	struct qb_ctx *c = (struct qb_ctx *)((char *)l -
+					     offsetof(struct qb_ctx, link));
+
+	io_uring_queue_exit(&c->ring);
+	ctx_free(c, false);
+}
+
+/* Late completions of destroyed contexts; those whose I/O is all back are
+ * freed. Any context's loop does it, when the lock is free. */
+static void reap_zombies(struct qb_quorum *q)
+{
+	struct qb_ctx_link **p, *l;
+
+	if (pthread_mutex_trylock(&q->lock))
+		return;
+	for (p = &q->zombies; (l = *p);) {
+		struct qb_ctx *z = (struct qb_ctx *)((char *)l -
+						     offsetof(struct qb_ctx, link));
+		struct io_uring_cqe *cqe;
+		unsigned head, seen = 0;
+
+		io_uring_for_each_cqe(&z->ring, head, cqe) {
+			if (!(cqe->user_data & QB_UD_FOREIGN))
+				orphan_cqe(z, cqe->user_data);
+			seen++;
+		}
+		io_uring_cq_advance(&z->ring, seen);
+		if (z->orphans) {
+			p = &l->next;
+			continue;
+		}
+		__atomic_store_n(p, l->next, __ATOMIC_RELEASE);
+		io_uring_queue_exit(&z->ring);
+		ctx_free(z, true);
+	}
+	pthread_mutex_unlock(&q->lock);
 }
 
 int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
@@ -1489,21 +1379,24 @@ int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	c->q = q;
 	c->depth = depth;
+	c->link.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	tick_ms = q->opt.timeout_ms / 4;
 	tick_ms = tick_ms < 5 ? 5 : tick_ms > 1000 ? 1000 : tick_ms;
 	c->tick.tv_sec = tick_ms / 1000;
 	c->tick.tv_nsec = (long long)(tick_ms % 1000) * 1000000;
-	ret = ring_init(c, flags);
+	ret = c->link.wake_fd < 0 ?
+	      qb_err(errno, QB_ERR_OTHER, "eventfd: %s", strerror(errno)) : 0;
+	if (!ret)
+		ret = ring_init(c, flags);
 	if (!ret)
 		ret = slots_init(c);
-	pthread_mutex_lock(&q->lock);
-	c->next = q->ctxs;
-	q->ctxs = c;
-	pthread_mutex_unlock(&q->lock);
 	if (ret) {
-		qb_ctx_destroy(c);
+		if (c->ring_ok)
+			io_uring_queue_exit(&c->ring);
+		ctx_free(c, true);
 		return ret;
 	}
+	qb_link_add(q, &c->link);
 	*out = c;
 	return 0;
 }
@@ -1511,56 +1404,31 @@ int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
 void qb_ctx_destroy(struct qb_ctx *c)
 {
 	struct qb_quorum *q = c->q;
-	struct qb_ctx **p;
 
-	pthread_mutex_lock(&q->lock);
-	for (p = &q->ctxs; *p && *p != c; p = &(*p)->next)
-		;
-	if (*p)
-		*p = c->next;
-	qb_counters_add(&q->retired_dev, &c->dev);
-	for (uint32_t r = 0; r < q->n; r++)
-		qb_counters_add(&q->retired_rep[r], &c->rep[r]);
-	pthread_mutex_unlock(&q->lock);
-
+	/* whatever is still out is not waited for: it becomes orphans */
+	for (uint32_t i = 0; i < c->depth; i++)
+		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+			if (c->slots[i].nout[r])
+				abandon(c, &c->slots[i], r);
+	if (c->orphans) {
+		c->link.release = zombie_release;
+		slots_free(c);
+		qb_link_remove(q, &c->link, true);
+		return;
+	}
+	qb_link_remove(q, &c->link, false);
 	if (c->ring_ok)
 		io_uring_queue_exit(&c->ring);
-	/*
-	 * A read abandoned at its timeout may still land in its buffer (the
-	 * ring's teardown is asynchronous): then the buffers stay mapped, so
-	 * that a late copy never hits memory reused for something else.
-	 */
-	if (c->bufmem && !c->abandoned)
-		munmap(c->bufmem, (size_t)q->opt.max_io * QB_MAX_REPLICAS *
-		       c->depth);
-	if (c->slots) {
-		for (uint32_t i = 0; i < c->depth; i++) {
-			free(c->slots[i].snap);
-			free(c->slots[i].win);
-			free(c->slots[i].held);
-		}
-		free(c->slots);
-	}
-	free(c);
+	ctx_free(c, true);
 }
 
-void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
-			 struct qb_counters *rep, uint32_t n)
-{
-	for (; c; c = c->next) {
-		qb_counters_add(dev, &c->dev);
-		for (uint32_t r = 0; r < n; r++)
-			qb_counters_add(&rep[r], &c->rep[r]);
-	}
-}
-
-/* ---- synchronous use and the load generator ---- */
+/* ---- synchronous use ---- */
 
 int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 		  uint64_t offset, uint32_t length, void *buf)
 {
 	struct qb_slot *s = &c->slots[0];
-	void *src = c->slots[0].buf[0];
+	void *src = s->buf[0];
 	int ret;
 
 	qb_err_clear();
@@ -1569,7 +1437,7 @@ int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 	ret = qb_ctx_submit(c, 0, op, flags, offset, length, src);
 	if (ret)
 		return ret;
-	while (s->phase != PH_FREE || s->deferred) {
+	while (s->phase != PH_FREE) {
 		ret = qb_ctx_run(c, 1);
 		if (ret)
 			return ret;
@@ -1594,193 +1462,4 @@ int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 	if (op == QB_OP_READ)
 		memcpy(buf, s->out, length);
 	return s->result;
-}
-
-struct bench_state {
-	const struct qb_bench_spec *spec;
-	struct qb_bench_result *res;
-	uint64_t issued;
-	int err;
-};
-
-static uint64_t bench_offset(const struct qb_bench_spec *sp, uint64_t i)
-{
-	uint64_t step = sp->step ? sp->step : sp->bs;
-	uint64_t off = (sp->start + i * step) % sp->span;
-
-	return off - off % sp->bs;
-}
-
-static void bench_done(struct qb_ctx *c, uint32_t slot, int res, void *data,
-		       void *arg)
-{
-	struct bench_state *b = arg;
-	const struct qb_bench_spec *sp = b->spec;
-	int ret;
-
-	b->res->ops++;
-	if (res < 0)
-		b->res->errors++;
-	else
-		b->res->bytes += (uint64_t)res;
-	if (b->issued >= sp->count || b->err)
-		return;
-	ret = qb_ctx_submit(c, slot, sp->op, 0, bench_offset(sp, b->issued),
-			    sp->bs, c->slots[slot].buf[0]);
-	if (ret)
-		b->err = ret;
-	else
-		b->issued++;
-}
-
-static uint64_t cpu_ns(void)
-{
-	struct rusage ru;
-
-	getrusage(RUSAGE_SELF, &ru);
-	return ((uint64_t)ru.ru_utime.tv_sec + (uint64_t)ru.ru_stime.tv_sec) *
-	       1000000000ULL +
-	       ((uint64_t)ru.ru_utime.tv_usec + (uint64_t)ru.ru_stime.tv_usec) *
-	       1000ULL;
-}
-
-int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
-		 struct qb_bench_result *res)
-{
-	struct bench_state b = { .spec = spec, .res = res };
-	qb_done_fn old_done = c->done;
-	void *old_arg = c->done_arg;
-	uint64_t t0, cpu0;
-	int ret = 0;
-
-	qb_err_clear();
-	memset(res, 0, sizeof(*res));
-	if ((spec->op != QB_OP_READ && spec->op != QB_OP_WRITE) ||
-	    !spec->bs || spec->bs > c->q->opt.max_io || !spec->depth ||
-	    spec->depth > c->depth || !spec->span || spec->span < spec->bs ||
-	    spec->span > c->q->size)
-		return qb_err(EINVAL, QB_ERR_INVALID,
-			      "bench: op %u bs %u depth %u span %llu do not fit this context (depth %u, max_io %u, size %llu)",
-			      spec->op, spec->bs, spec->depth,
-			      (unsigned long long)spec->span, c->depth,
-			      c->q->opt.max_io,
-			      (unsigned long long)c->q->size);
-	for (uint32_t i = 0; i < spec->depth; i++)
-		memset(c->slots[i].buf[0], 0x5a ^ (int)i, spec->bs);
-	qb_ctx_set_done(c, bench_done, &b);
-	t0 = qb_now_ns();
-	cpu0 = cpu_ns();
-	for (uint32_t i = 0; i < spec->depth && b.issued < spec->count; i++) {
-		ret = qb_ctx_submit(c, i, spec->op, 0,
-				    bench_offset(spec, b.issued), spec->bs,
-				    c->slots[i].buf[0]);
-		if (ret)
-			break;
-		b.issued++;
-	}
-	while (!ret && c->inflight) {
-		ret = qb_ctx_run(c, 1);
-		if (!ret)
-			ret = b.err;
-	}
-	while (c->inflight && qb_ctx_run(c, 1) == 0)
-		;
-	res->wall_ns = qb_now_ns() - t0;
-	res->cpu_ns = cpu_ns() - cpu0;
-	qb_ctx_set_done(c, old_done, old_arg);
-	return ret;
-}
-
-/* ---- resync and scrub, driven to completion ---- */
-
-#define SYNC_DEPTH 4		/* chunks in flight */
-
-struct sync_state {
-	uint64_t next, end;
-	uint32_t targets, flags;
-	int err, err_kind;
-	uint64_t err_off;
-};
-
-static void sync_launch(struct qb_ctx *c, uint32_t slot, struct sync_state *st,
-			uint64_t off)
-{
-	struct qb_slot *s = &c->slots[slot];
-	uint64_t left = st->end - off;
-	uint32_t len = left < c->q->opt.max_io ? (uint32_t)left :
-		       c->q->opt.max_io;
-
-	s->targets = st->targets;
-	s->sync_flags = (uint8_t)st->flags;
-	s->again = off != st->next;
-	if (!s->again)
-		st->next += len;
-	launch(c, s, OP_SYNC, 0, off, len, NULL);
-}
-
-static void sync_done(struct qb_ctx *c, uint32_t slot, int res, void *data,
-		      void *arg)
-{
-	struct sync_state *st = arg;
-	struct qb_slot *s = &c->slots[slot];
-
-	if (res < 0 && !st->err) {
-		st->err = res;
-		st->err_kind = s->err_kind;
-		st->err_off = s->off;
-	}
-	if (st->err)
-		return;
-	if (s->incomplete)	/* the rest of its runs: the same chunk again */
-		sync_launch(c, slot, st, s->off);
-	else if (st->next < st->end)
-		sync_launch(c, slot, st, st->next);
-}
-
-int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
-		uint32_t targets, uint32_t flags, struct qb_sync_result *res)
-{
-	struct qb_quorum *q = c->q;
-	struct sync_state st = {
-		.next = offset, .end = offset + length, .flags = flags,
-		.targets = targets,
-	};
-	qb_done_fn old_done = c->done;
-	void *old_arg = c->done_arg;
-	int ret = 0;
-
-	qb_err_clear();
-	memset(res, 0, sizeof(*res));
-	if (offset > q->size || length > q->size - offset ||
-	    (offset | length) % q->align)
-		return qb_err(EINVAL, QB_ERR_INVALID,
-			      "sync of offset %llu length %llu: outside the device (%llu bytes) or not aligned to %u",
-			      (unsigned long long)offset,
-			      (unsigned long long)length,
-			      (unsigned long long)q->size, q->align);
-	if (flags & ~(uint32_t)(QB_SYNC_PLURALITY | QB_SYNC_NO_WRITE |
-				QB_SYNC_BLIND))
-		return qb_err(EINVAL, QB_ERR_INVALID, "sync flags %#x", flags);
-	if (c->inflight)
-		return qb_err(EBUSY, QB_ERR_INVALID,
-			      "sync on a context with requests in flight");
-	c->sync_res = res;
-	qb_ctx_set_done(c, sync_done, &st);
-	for (uint32_t i = 0; i < SYNC_DEPTH && i < c->depth &&
-	     st.next < st.end; i++)
-		sync_launch(c, i, &st, st.next);
-	while (c->inflight && !ret)
-		ret = qb_ctx_run(c, 1);
-	while (c->inflight && qb_ctx_run(c, 1) == 0)
-		;
-	qb_ctx_set_done(c, old_done, old_arg);
-	c->sync_res = NULL;
-	if (ret)
-		return ret;
-	if (st.err)
-		return qb_err(-st.err, st.err_kind,
-			      "sync at offset %llu: fewer than %u replicas in service answered",
-			      (unsigned long long)st.err_off,
-			      (flags & QB_SYNC_PLURALITY) ? 1 : q->opt.threshold);
-	return 0;
 }

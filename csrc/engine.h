@@ -16,7 +16,9 @@
 #define QB_UD_FOREIGN (1ULL << 63)
 
 /* res is bytes done or -errno. For a read, data is the voted copy: one of the
- * slot's buffers, valid until the slot is submitted again. */
+ * slot's buffers, valid until the slot is submitted again. A slot's buffers
+ * may change at any completion (one an abandoned I/O may still use is set
+ * aside): ask qb_ctx_buf again rather than keep an old pointer. */
 typedef void (*qb_done_fn)(struct qb_ctx *c, uint32_t slot, int res,
 			   void *data, void *arg);
 typedef void (*qb_foreign_fn)(struct qb_ctx *c, const struct io_uring_cqe *cqe,
@@ -29,9 +31,11 @@ void qb_ctx_set_foreign(struct qb_ctx *c, qb_foreign_fn fn, void *arg);
  * returns NULL only if the ring is broken. */
 struct io_uring_sqe *qb_ctx_sqe(struct qb_ctx *c);
 
-/* Start a request on a free slot. src is a write's data (valid until the
- * completion); reads ignore it. Completion comes through the done callback
- * from qb_ctx_run. Returns 0 or -errno (bad arguments only). */
+/* Start a request on a free slot. src is a write's data: one of the slot's
+ * own buffers (qb_ctx_buf), so that the engine can keep it aside if a
+ * replica's write from it is abandoned; reads ignore it. Completion comes
+ * through the done callback from qb_ctx_run. Returns 0 or -errno (bad
+ * arguments only). */
 int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 		  uint32_t flags, uint64_t offset, uint32_t length,
 		  void *src);
@@ -42,5 +46,7 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr);
 
 /* Requests started and not yet completed. */
 uint32_t qb_ctx_inflight(const struct qb_ctx *c);
+
+struct qb_quorum *qb_ctx_quorum(const struct qb_ctx *c);
 
 #endif

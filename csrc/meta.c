@@ -1,6 +1,7 @@
 /*
- * meta.c: the metadata at the end of every replica, and the write-intent
- * bitmap the engine keeps there.
+ * meta.c: the on-disk format of the metadata at the end of every replica.
+ * The live bitmap and the writes that keep it are bitmap.c's; replica states
+ * and joining are members.c's.
  *
  * Layout of a replica of `replica_size` bytes (see quorumblk.h):
  *   [0, data_size)            the device's data: a plain raw image
@@ -11,17 +12,6 @@
  * A header copy is 4096 bytes: "QBLKMETA", version, then struct qb_meta as
  * laid out in memory (little-endian, no padding), and an xxh3-64 of the
  * first 4088 bytes in the last 8.
- *
- * Write intent: before a write is issued, its regions' bits must be on
- * stable storage on every replica that gets the write. Per region the
- * engine counts writes in flight and keeps a `durable` flag: the fast path
- * is an atomic increment and a load. A region goes clean lazily
- * (qb_quorum_clean): when idle, without writes in flight, and only while
- * every replica is in service, so the bitmap also records everything a
- * failed or resyncing replica missed. Writer and cleaner meet Dekker-style
- * on (inflight, durable), both sequentially consistent: the writer bumps
- * inflight then reads durable; the cleaner drops durable then reads
- * inflight, and backs off if a writer came in.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -39,7 +29,7 @@
 
 #define META_MAGIC "QBLKMETA"
 #define META_VERSION 1
-#define HDR_BYTES 4096
+#define HDR_BYTES QB_META_HDR_BYTES
 #define HDRS_BYTES (2 * HDR_BYTES)
 #define PAGE 4096ULL
 
@@ -51,14 +41,16 @@ static uint64_t round_up(uint64_t v, uint64_t to)
 	return (v + to - 1) / to * to;
 }
 
-uint64_t qb_meta_bitmap_bytes(uint32_t nregions)
+uint64_t qb_meta_bitmap_bytes(uint64_t nregions)
 {
 	return round_up(((uint64_t)nregions + 7) / 8, PAGE);
 }
 
-static uint32_t regions_of(uint64_t data_size, uint32_t shift)
+#define MAX_REGIONS (1ULL << 24)	/* a 2 MiB bitmap at most */
+
+static uint64_t regions_of(uint64_t data_size, uint32_t shift)
 {
-	return (uint32_t)((data_size + (1ULL << shift) - 1) >> shift);
+	return (data_size + (1ULL << shift) - 1) >> shift;
 }
 
 uint64_t qb_meta_overhead(uint64_t data_size, uint32_t region_shift)
@@ -75,9 +67,47 @@ static uint64_t bitmap_off(const struct qb_meta *m)
 	return round_up(m->data_size, PAGE);
 }
 
+uint64_t qb_meta_bitmap_off(const struct qb_meta *m)
+{
+	return bitmap_off(m);
+}
+
+/*
+ * Whether a header (read from disk: untrusted) is one quorumblk could have
+ * written for a replica of `size` bytes: NULL, or what is wrong. Every
+ * field that sizes or indexes anything is range-checked here.
+ */
+const char *qb_meta_check(const struct qb_meta *m, uint64_t size)
+{
+	if (m->replica_size != size)
+		return "it was written for a replica of another size";
+	if (m->nmembers < 1 || m->nmembers > QB_MAX_REPLICAS ||
+	    m->slot >= m->nmembers)
+		return "member count or slot out of range";
+	if (m->threshold < 1 || m->threshold > m->nmembers)
+		return "threshold out of range";
+	if (m->region_shift < 12 || m->region_shift > 40)
+		return "region size out of range";
+	if (!m->data_size || m->data_size % 512 || m->data_size > size)
+		return "data size out of range";
+	if (regions_of(m->data_size, m->region_shift) > MAX_REGIONS ||
+	    m->nregions != regions_of(m->data_size, m->region_shift))
+		return "region count does not fit the data size";
+	if (bitmap_off(m) + qb_meta_bitmap_bytes(m->nregions) + HDRS_BYTES >
+	    size)
+		return "the bitmap and headers do not fit the replica";
+	if (m->flags || !m->events || !m->seq)
+		return "flags or counts out of range";
+	for (uint32_t i = 0; i < m->nmembers; i++)
+		if (m->members[i].state > QB_REPLICA_REMOVED ||
+		    m->members[i].flags & ~(uint32_t)QB_MEMBER_FULL_SYNC)
+			return "a member's state or flags out of range";
+	return NULL;
+}
+
 /* ---- header copies ---- */
 
-static void encode(const struct qb_meta *m, uint8_t *out)
+void qb_meta_encode(const struct qb_meta *m, uint8_t *out)
 {
 	uint32_t v = META_VERSION, len = HDR_BYTES;
 	uint64_t sum;
@@ -91,8 +121,9 @@ static void encode(const struct qb_meta *m, uint8_t *out)
 	memcpy(out + HDR_BYTES - 8, &sum, 8);
 }
 
-/* 1: a valid copy, 0: no metadata, -1: damaged */
-static int decode(const uint8_t *in, uint64_t size, struct qb_meta *m)
+/* 1: a valid copy, 0: no metadata, -1: damaged, -2: implausible (*why) */
+static int decode(const uint8_t *in, uint64_t size, struct qb_meta *m,
+		  const char **why)
 {
 	uint32_t v, len;
 	uint64_t sum;
@@ -106,14 +137,8 @@ static int decode(const uint8_t *in, uint64_t size, struct qb_meta *m)
 	    sum != XXH3_64bits(in, HDR_BYTES - 8))
 		return -1;
 	memcpy(m, in + 16, sizeof(*m));
-	if (m->replica_size != size || m->nmembers < 1 ||
-	    m->nmembers > QB_MAX_REPLICAS || m->slot >= m->nmembers ||
-	    m->region_shift < 12 || m->region_shift > 40 ||
-	    m->nregions != regions_of(m->data_size, m->region_shift) ||
-	    bitmap_off(m) + qb_meta_bitmap_bytes(m->nregions) + HDRS_BYTES >
-	    size)
-		return -1;
-	return 1;
+	*why = qb_meta_check(m, size);
+	return *why ? -2 : 1;
 }
 
 static int open_meta(const char *path, int flags, uint64_t *size)
@@ -158,6 +183,7 @@ int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
 	uint64_t size;
 	uint8_t *buf = NULL;
 	struct qb_meta copy[2];
+	const char *why[2] = { NULL, NULL };
 	int ok[2] = { 0, 0 }, best, ret, fd;
 
 	qb_err_clear();
@@ -175,10 +201,14 @@ int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
 	if (ret)
 		goto out;
 	ret = -ENODATA;
-	ok[0] = decode(buf, size, &copy[0]);
-	ok[1] = decode(buf + HDR_BYTES, size, &copy[1]);
+	ok[0] = decode(buf, size, &copy[0], &why[0]);
+	ok[1] = decode(buf + HDR_BYTES, size, &copy[1], &why[1]);
 	if (ok[0] <= 0 && ok[1] <= 0) {
-		if (ok[0] < 0 || ok[1] < 0)
+		if (ok[0] == -2 || ok[1] == -2)
+			ret = qb_err(EBADMSG, QB_ERR_INVALID,
+				     "%s: its quorumblk header is implausible: %s",
+				     path, why[ok[0] == -2 ? 0 : 1]);
+		else if (ok[0] < 0 || ok[1] < 0)
 			ret = qb_err(EBADMSG, QB_ERR_INVALID,
 				     "%s: its quorumblk header is damaged (both copies fail their checksum)",
 				     path);
@@ -235,7 +265,7 @@ static int write_sync(int fd, const void *buf, uint64_t len, uint64_t off)
 }
 
 /* Where the header copy that m's seq picks goes. */
-static uint64_t header_off(const struct qb_meta *m)
+uint64_t qb_meta_header_off(const struct qb_meta *m)
 {
 	return m->replica_size - HDRS_BYTES + (m->seq & 1) * HDR_BYTES;
 }
@@ -247,8 +277,8 @@ static int header_write(int fd, const struct qb_meta *m)
 
 	if (posix_memalign((void **)&buf, PAGE, HDR_BYTES))
 		return -ENOMEM;
-	encode(m, buf);
-	ret = write_sync(fd, buf, HDR_BYTES, header_off(m));
+	qb_meta_encode(m, buf);
+	ret = write_sync(fd, buf, HDR_BYTES, qb_meta_header_off(m));
 	free(buf);
 	return ret;
 }
@@ -258,18 +288,18 @@ int qb_meta_write(const char *path, const struct qb_meta *m,
 {
 	uint64_t size, bytes = qb_meta_bitmap_bytes(m->nregions);
 	uint8_t *buf = NULL;
+	const char *why;
 	int fd, ret = 0;
 
 	qb_err_clear();
 	fd = open_meta(path, O_RDWR, &size);
 	if (fd < 0)
 		return fd;
-	if (m->replica_size != size ||
-	    bitmap_off(m) + bytes + HDRS_BYTES > size) {
+	why = qb_meta_check(m, size);
+	if (why) {	/* never write what a read would refuse */
 		ret = qb_err(EINVAL, QB_ERR_INVALID,
-			     "%s: %llu bytes, but the metadata is laid out for %llu",
-			     path, (unsigned long long)size,
-			     (unsigned long long)m->replica_size);
+			     "%s (%llu bytes): refusing to write an implausible header: %s",
+			     path, (unsigned long long)size, why);
 		goto out;
 	}
 	if (bitmap) {
@@ -288,542 +318,5 @@ int qb_meta_write(const char *path, const struct qb_meta *m,
 out:
 	free(buf);
 	close(fd);
-	return ret;
-}
-
-/* ---- the engine's write-intent bitmap ---- */
-
-static uint32_t now_ms(const struct qb_wil *w)
-{
-	return (uint32_t)((qb_now_ns() - w->t0) / 1000000);
-}
-
-static bool image_bit(const struct qb_wil *w, uint32_t i)
-{
-	return w->image[i / 8] & (1u << (i % 8));
-}
-
-/* One replica's part of a metadata write: buf NULL means fdatasync. */
-struct meta_io {
-	const void *buf;
-	uint64_t off;
-};
-
-static void meta_io_serial(struct qb_quorum *q, uint32_t r,
-			   const struct meta_io *io, uint32_t len, uint32_t *bad)
-{
-	int fd = q->rep[r].fd;
-
-	if (io->buf ? write_sync(fd, io->buf, len, io->off) < 0 :
-	    fdatasync(fd) < 0)
-		*bad |= 1u << r;
-}
-
-/*
- * Metadata I/O on every replica in mask at once, each on stable storage
- * before it counts, within the replica timeout: a replica that fails or
- * does not answer is in the returned mask (the caller takes it out; a
- * late write of its lands from buffers that live until close). The time
- * of one replica's write, not the sum. Under w->lock.
- */
-static uint32_t meta_io_all(struct qb_quorum *q, uint32_t mask,
-			    const struct meta_io *io, uint32_t len)
-{
-	struct qb_wil *w = q->wil;
-	uint64_t deadline = qb_now_ns() +
-			    (uint64_t)q->opt.timeout_ms * 1000000ULL;
-	uint32_t pending = 0, bad = 0, gen = ++w->ring_gen & 0xffffff;
-
-	for (uint32_t r = 0; r < q->n; r++) {
-		struct io_uring_sqe *sqe;
-
-		if (!(mask & (1u << r)))
-			continue;
-		sqe = w->ring_ok ? io_uring_get_sqe(&w->ring) : NULL;
-		if (!sqe) {
-			meta_io_serial(q, r, &io[r], len, &bad);
-			continue;
-		}
-		if (io[r].buf) {
-			io_uring_prep_write(sqe, q->rep[r].fd, io[r].buf, len,
-					    io[r].off);
-			sqe->rw_flags = RWF_DSYNC;
-		} else {
-			io_uring_prep_fsync(sqe, q->rep[r].fd,
-					    IORING_FSYNC_DATASYNC);
-		}
-		sqe->user_data = (uint64_t)gen << 8 | r;
-		pending |= 1u << r;
-	}
-	if (pending)
-		io_uring_submit(&w->ring);
-	while (pending) {
-		struct io_uring_cqe *cqe;
-		uint64_t now = qb_now_ns();
-		struct __kernel_timespec ts = { 0 };
-		uint32_t r;
-		int ret, res;
-
-		if (now >= deadline)
-			break;
-		ts.tv_sec = (long long)((deadline - now) / 1000000000ULL);
-		ts.tv_nsec = (long long)((deadline - now) % 1000000000ULL);
-		ret = io_uring_wait_cqe_timeout(&w->ring, &cqe, &ts);
-		if (ret == -EINTR)
-			continue;
-		if (ret < 0)
-			break;
-		r = cqe->user_data & 0xff;
-		res = cqe->res;
-		ret = (cqe->user_data >> 8) == gen;
-		io_uring_cqe_seen(&w->ring, cqe);
-		if (!ret || !(pending & (1u << r)))
-			continue;	/* a late answer to an earlier call */
-		pending &= ~(1u << r);
-		if (res == -EOPNOTSUPP || res == -EINVAL)	/* no RWF_DSYNC */
-			meta_io_serial(q, r, &io[r], len, &bad);
-		else if (res < 0 || (io[r].buf && (uint32_t)res != len))
-			bad |= 1u << r;
-	}
-	return bad | pending;
-}
-
-/* Record the replicas' states in every writable replica's header: one more
- * event. A replica whose header write fails is taken out too, and the
- * others learn that as well. Under w->lock. */
-static void headers_update(struct qb_quorum *q)
-{
-	struct qb_wil *w = q->wil;
-	struct meta_io io[QB_MAX_REPLICAS];
-	uint32_t mask, bad;
-
-	do {
-		w->events++;
-		w->seq++;
-		for (uint32_t r = 0; r < q->n; r++) {
-			struct qb_meta *m = &w->hdr[r];
-
-			/* a removed replica's slot may have a new owner */
-			if (memcmp(w->members[m->slot].uuid, m->replica_uuid, 16))
-				continue;
-			w->members[m->slot].state = (uint32_t)
-				__atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
-		}
-		mask = qb_writable(q);
-		for (uint32_t r = 0; r < q->n; r++) {
-			struct qb_meta *m = &w->hdr[r];
-
-			if (!(mask & (1u << r)))
-				continue;
-			m->events = w->events;
-			m->seq = w->seq;
-			m->nmembers = w->nmembers;
-			memcpy(m->members, w->members, sizeof(m->members));
-			encode(m, w->hbuf + (size_t)r * HDR_BYTES);
-			io[r].buf = w->hbuf + (size_t)r * HDR_BYTES;
-			io[r].off = header_off(m);
-		}
-		bad = meta_io_all(q, mask, io, HDR_BYTES);
-		for (uint32_t r = 0; r < q->n; r++)
-			if ((bad & (1u << r)) && qb_replica_take_out(q, r))
-				qb_event(q, QB_EV_REPLICA_FAILED, (int)r,
-					 io[r].off, HDR_BYTES, EIO);
-	} while (bad && qb_writable(q));
-}
-
-/* Write bitmap pages [p0, p1] to every writable replica. Under w->lock.
- * Returns the replicas that failed it (not yet taken out). */
-static uint32_t pages_write(struct qb_quorum *q, uint64_t p0, uint64_t p1)
-{
-	struct qb_wil *w = q->wil;
-	struct meta_io io[QB_MAX_REPLICAS];
-
-	for (uint32_t r = 0; r < q->n; r++) {
-		io[r].buf = w->image + p0 * PAGE;
-		io[r].off = w->off + p0 * PAGE;
-	}
-	return meta_io_all(q, qb_writable(q), io, (uint32_t)((p1 - p0 + 1) * PAGE));
-}
-
-static void fail_writers(struct qb_quorum *q, uint32_t bad, uint64_t p0)
-{
-	bool any = false;
-
-	for (uint32_t r = 0; bad; r++, bad >>= 1)
-		if ((bad & 1) && qb_replica_take_out(q, r)) {
-			qb_event(q, QB_EV_REPLICA_FAILED, (int)r,
-				 q->wil->off + p0 * PAGE, PAGE, EIO);
-			any = true;
-		}
-	if (any)
-		headers_update(q);
-}
-
-void qb_wil_begin(struct qb_quorum *q, uint64_t off, uint64_t len)
-{
-	struct qb_wil *w = q->wil;
-	uint32_t i0 = (uint32_t)(off >> w->shift);
-	uint32_t i1 = (uint32_t)((off + len - 1) >> w->shift);
-	bool need = false;
-
-	for (uint32_t i = i0; i <= i1; i++) {
-		__atomic_fetch_add(&w->inflight[i], 1, __ATOMIC_SEQ_CST);
-		if (!__atomic_load_n(&w->durable[i], __ATOMIC_SEQ_CST))
-			need = true;
-	}
-	if (!need)
-		return;
-	pthread_mutex_lock(&w->lock);
-	need = false;
-	for (uint32_t i = i0; i <= i1; i++)
-		if (!image_bit(w, i)) {
-			w->image[i / 8] |= (uint8_t)(1u << (i % 8));
-			need = true;
-		}
-	if (need) {
-		uint64_t p0 = i0 / 8 / PAGE, p1 = i1 / 8 / PAGE;
-
-		fail_writers(q, pages_write(q, p0, p1), p0);
-	}
-	for (uint32_t i = i0; i <= i1; i++)
-		__atomic_store_n(&w->durable[i], 1, __ATOMIC_SEQ_CST);
-	pthread_mutex_unlock(&w->lock);
-}
-
-void qb_wil_end(struct qb_quorum *q, uint64_t off, uint64_t len)
-{
-	struct qb_wil *w = q->wil;
-	uint32_t i0 = (uint32_t)(off >> w->shift);
-	uint32_t i1 = (uint32_t)((off + len - 1) >> w->shift);
-	uint32_t t = now_ms(w);
-
-	for (uint32_t i = i0; i <= i1; i++) {
-		__atomic_store_n(&w->last_ms[i], t, __ATOMIC_RELAXED);
-		__atomic_fetch_sub(&w->inflight[i], 1, __ATOMIC_SEQ_CST);
-	}
-}
-
-static bool all_in_service(struct qb_quorum *q)
-{
-	struct qb_wil *w = q->wil;
-	uint32_t members = 0;
-
-	for (uint32_t s = 0; s < w->nmembers; s++) {
-		if (w->members[s].state == QB_REPLICA_REMOVED)
-			continue;
-		if (w->members[s].state != QB_REPLICA_IN_SERVICE)
-			return false;
-		members++;
-	}
-	return qb_popcount(qb_in_service(q)) == members;
-}
-
-int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms)
-{
-	struct qb_wil *w = q->wil;
-	uint64_t p0 = UINT64_MAX, p1 = 0;
-	uint32_t t, cleared = 0;
-
-	qb_err_clear();
-	if (!w)
-		return 0;
-	pthread_mutex_lock(&w->lock);
-	if (w->pinned || !all_in_service(q))
-		goto out;
-	t = now_ms(w);
-	for (uint32_t i = 0; i < w->nregions; i++) {
-		if (!image_bit(w, i) ||
-		    __atomic_load_n(&w->inflight[i], __ATOMIC_SEQ_CST) ||
-		    t - __atomic_load_n(&w->last_ms[i], __ATOMIC_RELAXED) <
-		    idle_ms)
-			continue;
-		__atomic_store_n(&w->durable[i], 0, __ATOMIC_SEQ_CST);
-		if (__atomic_load_n(&w->inflight[i], __ATOMIC_SEQ_CST)) {
-			__atomic_store_n(&w->durable[i], 1, __ATOMIC_SEQ_CST);
-			continue;
-		}
-		w->image[i / 8] &= (uint8_t)~(1u << (i % 8));
-		if (i / 8 / PAGE < p0)
-			p0 = i / 8 / PAGE;
-		p1 = i / 8 / PAGE;
-		cleared++;
-	}
-	if (cleared) {
-		/* the writes those bits covered must be durable before the
-		 * bits go: a disk's write cache could still lose them */
-		struct meta_io sync[QB_MAX_REPLICAS] = { { NULL, 0 } };
-
-		fail_writers(q, meta_io_all(q, qb_writable(q), sync, 0), p0);
-		fail_writers(q, pages_write(q, p0, p1), p0);
-	}
-out:
-	pthread_mutex_unlock(&w->lock);
-	return (int)cleared;
-}
-
-int qb_quorum_set_meta(struct qb_quorum *q, const struct qb_meta *meta,
-		       const uint8_t *bitmap)
-{
-	const struct qb_meta *m0 = &meta[0];
-	struct qb_wil *w;
-	uint64_t bytes = qb_meta_bitmap_bytes(m0->nregions);
-	uint32_t in = 0, wr = 0;
-
-	qb_err_clear();
-	if (q->wil)
-		return qb_err(EBUSY, QB_ERR_INVALID, "metadata already set");
-	for (uint32_t r = 0; r < q->n; r++) {
-		const struct qb_meta *m = &meta[r];
-
-		if (m->replica_size != q->size || m->data_size != m0->data_size ||
-		    m->region_shift != m0->region_shift ||
-		    m->nregions != regions_of(m->data_size, m->region_shift) ||
-		    m->nmembers != m0->nmembers || m->slot >= m->nmembers ||
-		    bitmap_off(m) + bytes + HDRS_BYTES > q->size ||
-		    m->data_size % q->align || !m->data_size)
-			return qb_err(EINVAL, QB_ERR_INVALID,
-				      "%s: its metadata does not fit the set (size %llu, data %llu)",
-				      q->rep[r].path,
-				      (unsigned long long)q->size,
-				      (unsigned long long)m->data_size);
-	}
-	w = calloc(1, sizeof(*w));
-	if (!w)
-		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
-	w->shift = m0->region_shift;
-	w->nregions = m0->nregions;
-	w->off = bitmap_off(m0);
-	w->bytes = bytes;
-	w->t0 = qb_now_ns();
-	w->events = m0->events;
-	w->seq = m0->seq;
-	w->nmembers = m0->nmembers;
-	memcpy(w->members, m0->members, sizeof(w->members));
-	w->inflight = calloc(w->nregions, sizeof(*w->inflight));
-	w->last_ms = calloc(w->nregions, sizeof(*w->last_ms));
-	w->durable = calloc(w->nregions, 1);
-	if (!w->inflight || !w->last_ms || !w->durable ||
-	    posix_memalign((void **)&w->hbuf, PAGE,
-			   (size_t)QB_MAX_REPLICAS * HDR_BYTES) ||
-	    posix_memalign((void **)&w->image, PAGE, bytes)) {
-		qb_wil_free(w);
-		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
-	}
-	memcpy(w->image, bitmap, bytes);
-	for (uint32_t i = 0; i < w->nregions; i++) {
-		w->durable[i] = image_bit(w, i);
-		w->pinned |= w->durable[i];
-	}
-	pthread_mutex_init(&w->lock, NULL);
-	/* without a ring (an old kernel) metadata goes out one by one */
-	w->ring_ok = io_uring_queue_init(2 * QB_MAX_REPLICAS, &w->ring, 0) == 0;
-	for (uint32_t r = 0; r < q->n; r++) {
-		uint32_t st = meta[r].members[meta[r].slot].state;
-
-		w->hdr[r] = meta[r];
-		if (meta[r].seq > w->seq)
-			w->seq = meta[r].seq;
-		q->rep[r].state = (int)st;
-		if (st == QB_REPLICA_IN_SERVICE)
-			in |= 1u << r;
-		if (st != QB_REPLICA_FAILED)
-			wr |= 1u << r;
-	}
-	q->size = m0->data_size;
-	q->in_service = in;
-	q->writable = wr;
-	q->wil = w;
-	return 0;
-}
-
-void qb_wil_free(struct qb_wil *w)
-{
-	if (!w)
-		return;
-	if (w->image)
-		pthread_mutex_destroy(&w->lock);
-	if (w->ring_ok)
-		io_uring_queue_exit(&w->ring);
-	free(w->hbuf);
-	free(w->inflight);
-	free(w->last_ms);
-	free(w->durable);
-	free(w->image);
-	free(w);
-}
-
-/* Called by qb_replica_fail once replica r is out: the headers say so
- * before any request that saw the failure completes. */
-void qb_meta_replica_failed(struct qb_quorum *q, uint32_t r)
-{
-	if (!q->wil)
-		return;
-	pthread_mutex_lock(&q->wil->lock);
-	headers_update(q);
-	pthread_mutex_unlock(&q->wil->lock);
-}
-
-int qb_quorum_set_state(struct qb_quorum *q, uint32_t r, uint32_t state)
-{
-	qb_err_clear();
-	if (r >= qb_replicas(q) || state > QB_REPLICA_REMOVED)
-		return qb_err(EINVAL, QB_ERR_INVALID,
-			      "replica %u or state %u out of range", r, state);
-	if (q->wil)
-		pthread_mutex_lock(&q->wil->lock);
-	__atomic_store_n(&q->rep[r].state, (int)state, __ATOMIC_RELEASE);
-	if (state == QB_REPLICA_IN_SERVICE)
-		__atomic_fetch_or(&q->in_service, 1u << r, __ATOMIC_ACQ_REL);
-	else
-		__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
-	if (state == QB_REPLICA_FAILED || state == QB_REPLICA_REMOVED)
-		__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
-	else
-		__atomic_fetch_or(&q->writable, 1u << r, __ATOMIC_ACQ_REL);
-	if (q->wil) {
-		struct qb_meta *m = &q->wil->hdr[r];
-
-		if (state == QB_REPLICA_IN_SERVICE)	/* resynced whole */
-			q->wil->members[m->slot].flags = 0;
-		headers_update(q);
-		if (state == QB_REPLICA_REMOVED) {
-			/* it says so itself too, so that it never votes again
-			 * (best effort: the others' headers say it as well) */
-			m->events = q->wil->events;
-			m->seq = q->wil->seq;
-			m->nmembers = q->wil->nmembers;
-			memcpy(m->members, q->wil->members, sizeof(m->members));
-			header_write(q->rep[r].fd, m);
-		}
-		pthread_mutex_unlock(&q->wil->lock);
-	}
-	return 0;
-}
-
-int qb_quorum_resynced(struct qb_quorum *q)
-{
-	if (q->wil) {
-		pthread_mutex_lock(&q->wil->lock);
-		q->wil->pinned = false;
-		pthread_mutex_unlock(&q->wil->lock);
-	}
-	return 0;
-}
-
-int64_t qb_quorum_bitmap(struct qb_quorum *q, uint8_t *out, uint64_t len)
-{
-	struct qb_wil *w = q->wil;
-
-	if (!w)
-		return 0;
-	pthread_mutex_lock(&w->lock);
-	if (out)
-		memcpy(out, w->image, len < w->bytes ? len : w->bytes);
-	pthread_mutex_unlock(&w->lock);
-	return (int64_t)w->bytes;
-}
-
-int qb_quorum_meta(struct qb_quorum *q, uint32_t r, struct qb_meta *m)
-{
-	qb_err_clear();
-	if (!q->wil)
-		return qb_err(ENODATA, QB_ERR_INVALID, "the quorum has no metadata");
-	if (r >= q->n)
-		return qb_err(EINVAL, QB_ERR_INVALID, "replica %u out of range", r);
-	pthread_mutex_lock(&q->wil->lock);
-	*m = q->wil->hdr[r];
-	pthread_mutex_unlock(&q->wil->lock);
-	return 0;
-}
-
-int qb_quorum_attach(struct qb_quorum *q, const char *path,
-		     const struct qb_meta *m)
-{
-	struct qb_wil *w = q->wil;
-	struct qb_replica rep = { .fd = -1 };
-	struct stat st, other;
-	uint64_t size;
-	uint32_t r, n;
-	int ret;
-
-	qb_err_clear();
-	if (!w)
-		return qb_err(EINVAL, QB_ERR_INVALID,
-			      "replicas join only a set with metadata");
-	pthread_mutex_lock(&w->lock);
-	n = q->n;
-	for (r = 0; r < n; r++)
-		if (!memcmp(w->hdr[r].replica_uuid, m->replica_uuid, 16))
-			break;
-	if (r < n && (q->rep[r].state == QB_REPLICA_IN_SERVICE ||
-		      q->rep[r].state == QB_REPLICA_RESYNCING)) {
-		ret = qb_err(EBUSY, QB_ERR_INVALID,
-			     "%s: this replica is already %s (as %s)", path,
-			     q->rep[r].state ? "resyncing" : "in service",
-			     q->rep[r].path);
-		goto out;
-	}
-	if (r == n && n == QB_MAX_REPLICAS) {
-		ret = qb_err(ENOSPC, QB_ERR_INVALID,
-			     "%s: this device has had %d replicas, its most",
-			     path, QB_MAX_REPLICAS);
-		goto out;
-	}
-	if (m->slot >= QB_MAX_REPLICAS || m->data_size != q->size ||
-	    memcmp(m->set_uuid, w->hdr[0].set_uuid, 16) ||
-	    (m->slot < w->nmembers &&
-	     w->members[m->slot].state != QB_REPLICA_REMOVED &&
-	     memcmp(w->members[m->slot].uuid, m->replica_uuid, 16))) {
-		ret = qb_err(EINVAL, QB_ERR_INVALID,
-			     "%s: its header does not fit this set (slot %u)",
-			     path, m->slot);
-		goto out;
-	}
-	ret = qb_open_replica(&rep, path, q->opt.buffered, &st, &size);
-	if (!ret && size != m->replica_size)
-		ret = qb_err(EINVAL, QB_ERR_INVALID,
-			     "%s: %llu bytes, its header says %llu", path,
-			     (unsigned long long)size,
-			     (unsigned long long)m->replica_size);
-	if (!ret && rep.align > q->align)
-		ret = qb_err(EINVAL, QB_ERR_INVALID,
-			     "%s: needs %u-byte aligned direct I/O, the device does %u",
-			     path, rep.align, q->align);
-	for (uint32_t i = 0; !ret && i < n; i++) {
-		int s = q->rep[i].state;
-
-		if (i == r || s == QB_REPLICA_REMOVED || fstat(q->rep[i].fd, &other))
-			continue;
-		if (qb_same_object(&st, &other))
-			ret = qb_err(EINVAL, QB_ERR_INVALID,
-				     "%s is the same replica as %s", path,
-				     q->rep[i].path);
-	}
-	if (ret) {
-		if (rep.fd >= 0)
-			close(rep.fd);
-		goto out;
-	}
-	if (r < n) {	/* its old fd may still be in an abandoned I/O */
-		q->graveyard[q->ngraves++] = q->rep[r].fd;
-		free(q->rep[r].path);
-	}
-	rep.path = strdup(path);
-	rep.state = QB_REPLICA_RESYNCING;
-	q->rep[r] = rep;
-	w->hdr[r] = *m;
-	memcpy(w->members[m->slot].uuid, m->replica_uuid, 16);
-	w->members[m->slot].state = QB_REPLICA_RESYNCING;
-	w->members[m->slot].flags = m->members[m->slot].flags;
-	if (m->slot >= w->nmembers)
-		w->nmembers = m->slot + 1;
-	__atomic_add_fetch(&q->files_gen, 1, __ATOMIC_ACQ_REL);
-	if (r == n)
-		__atomic_store_n(&q->n, n + 1, __ATOMIC_RELEASE);
-	__atomic_fetch_or(&q->writable, 1u << r, __ATOMIC_ACQ_REL);
-	headers_update(q);
-	ret = (int)r;
-out:
-	pthread_mutex_unlock(&w->lock);
 	return ret;
 }

@@ -1,9 +1,19 @@
 /*
- * qb.h: the engine's private structures, shared by its C files only.
+ * qb.h: the quorum's shared state, private to the core's C files.
+ *
+ * Layers, each using only those below it:
+ *   front ends     ublk.c (queue threads), loadgen.c, Python (cffi)
+ *   engine         engine.c, issue.c, sync.c: one thread's requests
+ *                  (engine_int.h); hold.c: the holds all threads share
+ *   quorum state   quorum.c (replicas, events, counters, faults),
+ *                  members.c (replica states, joining), bitmap.c (the
+ *                  write-intent bitmap and the metadata writer thread)
+ *   leaves         vote.c, meta.c (the on-disk format), dio.c, error.c
  */
 #ifndef QB_H
 #define QB_H
 
+#include <liburing.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -11,7 +21,6 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
-#include "engine.h"
 #include "quorumblk.h"
 
 #define QB_EVENT_RING 4096	/* events kept until drained */
@@ -31,42 +40,41 @@ struct qb_fault {
 	uint64_t offset, length;
 	uint32_t count;		/* left; 0: until cleared */
 	uint32_t delay_ms;
+	int gate_fd;		/* LATE: held until it fires; HANG: never does */
 };
 
 struct qb_replica {
 	char *path;
 	int fd;
+	int old_fd;			/* the fd before its last attach */
 	int state;			/* enum qb_replica_state, atomic */
 	int is_blockdev;
 	int memory_fs;			/* tmpfs/ramfs: I/O done in-thread */
 	uint32_t align;			/* direct-I/O offset and length unit */
 	uint32_t chunk;			/* largest I/O not split below; 0: any */
 	int zero_mode;			/* how write-zeroes works here, atomic */
+	uint32_t owed;			/* abandoned I/Os not back yet, atomic */
+	uint64_t late;			/* abandoned I/Os that came back, atomic */
 	struct qb_fault fault;		/* under fault_lock */
 };
 
-/* The write-intent bitmap and the headers it goes with (meta.c). */
-struct qb_wil {
-	uint32_t shift, nregions;
-	uint64_t off;			/* the bitmap's replica offset */
-	uint64_t bytes;			/* its size, whole pages */
-	uint64_t t0;
-	uint32_t *inflight;		/* writes in flight per region, atomic */
-	uint32_t *last_ms;		/* when its last write ended */
-	uint8_t *durable;		/* its bit is on stable storage, atomic */
-	bool pinned;			/* bits from before open not resynced yet */
-
-	pthread_mutex_t lock;		/* the rest, and metadata writes */
-	struct io_uring ring;		/* metadata writes to all replicas at once */
-	bool ring_ok;
-	uint32_t ring_gen;		/* tells a late CQE from a current one */
-	uint8_t *hbuf;			/* one encoded header per replica index */
-	uint8_t *image;			/* the bitmap as written, page aligned */
-	uint64_t events, seq;
-	uint32_t nmembers;
-	struct qb_meta_member members[QB_MAX_REPLICAS];
-	struct qb_meta hdr[QB_MAX_REPLICAS];	/* each replica's own */
+/*
+ * What the quorum knows of one engine context: its counters (written by
+ * its thread only) and how to wake it when a metadata round it waits for
+ * is done. Registered in q->ctxs while the context lives; a context that
+ * still has I/O owed when it is destroyed moves to q->zombies until that
+ * comes back, and `release` frees it if the quorum closes first.
+ */
+struct qb_ctx_link {
+	struct qb_counters dev, rep[QB_MAX_REPLICAS];
+	uint32_t out[QB_MAX_REPLICAS];	/* its replica I/Os in flight */
+	int wake_fd;			/* eventfd polled on its ring */
+	int waiting;			/* parked on a metadata round, atomic */
+	void (*release)(struct qb_ctx_link *l);
+	struct qb_ctx_link *next;
 };
+
+struct qb_bitmap;		/* bitmap.h: bitmap.c and members.c */
 
 /* Event rate limit per replica (plus one for the device) and type. */
 struct qb_ratelimit {
@@ -84,16 +92,16 @@ struct qb_quorum {
 	uint32_t in_service;		/* mask, atomic */
 	uint32_t writable;		/* in service or resyncing, atomic */
 	uint32_t files_gen;		/* bumped when a replica's fd changes */
-	int graveyard[QB_MAX_REPLICAS];	/* replaced fds, closed at the end */
-	uint32_t ngraves;
-	struct qb_wil *wil;		/* NULL: no metadata */
+	struct qb_bitmap *bitmap;	/* NULL: no metadata */
 
 	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
 	void *zeros;			/* max_io zero bytes, for write-zeroes */
-	int hang_fd;			/* eventfd that never fires */
+	int gates[64];			/* fault eventfds, closed at the end */
+	uint32_t ngates;
 
 	pthread_mutex_t lock;		/* contexts, retired counters, events */
-	struct qb_ctx *ctxs;
+	struct qb_ctx_link *ctxs;
+	struct qb_ctx_link *zombies;	/* atomic head, changed under lock */
 	struct qb_counters retired_dev, retired_rep[QB_MAX_REPLICAS];
 	struct qb_event events[QB_EVENT_RING];
 	uint32_t ev_head, ev_count;
@@ -117,35 +125,65 @@ void qb_err_clear(void);
 uint64_t qb_now_ns(void);
 void qb_event(struct qb_quorum *q, uint32_t type, int replica,
 	      uint64_t offset, uint64_t length, int err);
-/* Replica r is FAILED from now on (no I/O, no vote), without events or a
- * header update; true if this call did it. */
-bool qb_replica_take_out(struct qb_quorum *q, uint32_t r);
-/* Take replica r out of service after err; true if this call did it. */
-bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
-		     uint64_t offset, uint64_t length);
 /* The fault planned for replica r's next I/O, if any (consumes a count). */
 bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,
 		    uint64_t offset, uint64_t length, struct qb_fault *out);
 void qb_counters_add(struct qb_counters *to, const struct qb_counters *from);
-/* engine.c: add the counters of a list of contexts (under q->lock). */
-void qb_ctx_counters_add(const struct qb_ctx *c, struct qb_counters *dev,
-			 struct qb_counters *rep, uint32_t n);
-
-/* meta.c */
-void qb_wil_begin(struct qb_quorum *q, uint64_t off, uint64_t len);
-void qb_wil_end(struct qb_quorum *q, uint64_t off, uint64_t len);
-void qb_wil_free(struct qb_wil *w);
-void qb_meta_replica_failed(struct qb_quorum *q, uint32_t r);
-
-/* quorum.c: open one replica, check its size; errors name the path. */
+/* A context joins or leaves the quorum's list (its counters are kept). */
+void qb_link_add(struct qb_quorum *q, struct qb_ctx_link *l);
+void qb_link_remove(struct qb_quorum *q, struct qb_ctx_link *l, bool zombie);
+/* Wake every context parked on a metadata round. */
+void qb_links_wake(struct qb_quorum *q);
+/* An abandoned I/O of replica r is owed (+1) or came back (-1). */
+void qb_owed(struct qb_quorum *q, uint32_t r, int delta);
+/* Replica r's I/Os not completed: in flight in any context, or owed. */
+uint32_t qb_replica_outstanding(struct qb_quorum *q, uint32_t r);
+/* Open one replica, check its size; errors name the path. */
 int qb_open_replica(struct qb_replica *r, const char *path, bool buffered,
 		    struct stat *st, uint64_t *size);
 bool qb_same_object(const struct stat *a, const struct stat *b);
+
+/* members.c */
+/* Replica r leaves service after err: events, and (with metadata) a header
+ * round that records it; true if this call did it. */
+bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
+		     uint64_t offset, uint64_t length);
+/* The same without events or header round (the bitmap's writer records
+ * it itself); true if this call did it. Under the bitmap's lock if any. */
+bool qb_replica_take_out(struct qb_quorum *q, uint32_t r);
+
+/* bitmap.c */
+/* Before a write to [off, off + len): its regions are counted busy. Returns
+ * 0 when their bits are on stable storage already, else the metadata
+ * round to wait for (qb_bitmap_done) before the write is issued. */
+uint64_t qb_bitmap_begin(struct qb_quorum *q, uint64_t off, uint64_t len);
+void qb_bitmap_end(struct qb_quorum *q, uint64_t off, uint64_t len);
+/* The last round done, and the round that will record the latest replica
+ * state change: a write acknowledged while done < that could be lost with
+ * the change unrecorded, so it waits. */
+uint64_t qb_bitmap_done(const struct qb_quorum *q);
+uint64_t qb_bitmap_states_round(const struct qb_quorum *q);
+/* Wait for round (from a thread that is not the writer). */
+void qb_bitmap_wait(struct qb_quorum *q, uint64_t round);
+void qb_bitmap_free(struct qb_quorum *q);
+
+/* issue.c: prepare SQEs that an injected fault delays, holds or hangs:
+ * the head that goes before the I/O (linked), or the hang itself. Returns
+ * false when f needs no head. */
+bool qb_fault_head(struct io_uring_sqe *sqe, const struct qb_fault *f,
+		   struct __kernel_timespec *ts);
 
 /* dio.c */
 uint32_t qb_dio_align(int fd, bool blockdev, bool buffered);
 bool qb_is_memory_fs(int fd);
 uint32_t qb_dio_chunk(int fd, bool blockdev, bool buffered);
+
+/* meta.c: check a header (the caller's copy of one read from disk). */
+const char *qb_meta_check(const struct qb_meta *m, uint64_t size);
+uint64_t qb_meta_bitmap_off(const struct qb_meta *m);
+uint64_t qb_meta_header_off(const struct qb_meta *m);
+void qb_meta_encode(const struct qb_meta *m, uint8_t *out);
+#define QB_META_HDR_BYTES 4096
 
 /* vote.c: vote over [0, len) of the voters' buffers; see qb_vote. */
 bool qb_all_equal(void *const *bufs, uint32_t mask, uint64_t len);

@@ -1,6 +1,8 @@
 /*
  * quorum.c: the replica set shared by every context: opening and checking
- * the replicas, their states, events, counters and the test fault hook.
+ * the replicas, events, counters, the contexts it knows of (struct
+ * qb_ctx_link) and the test fault hook. States and membership: members.c;
+ * the live metadata: bitmap.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -16,7 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "qb.h"
+#include "bitmap.h"
 
 uint64_t qb_now_ns(void)
 {
@@ -192,9 +194,9 @@ int qb_quorum_open(const char *const *paths, uint32_t n,
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	q->n = n;
 	q->opt = *o;
-	q->hang_fd = q->event_fd = -1;
+	q->event_fd = -1;
 	for (uint32_t i = 0; i < QB_MAX_REPLICAS; i++)
-		q->rep[i].fd = -1;
+		q->rep[i].fd = q->rep[i].old_fd = -1;
 	pthread_mutex_init(&q->lock, NULL);
 	pthread_mutex_init(&q->fault_lock, NULL);
 
@@ -204,10 +206,8 @@ int qb_quorum_open(const char *const *paths, uint32_t n,
 	q->gens = calloc(QB_GEN_BUCKETS, sizeof(*q->gens));
 	q->zeros = mmap(NULL, o->max_io, PROT_READ,
 			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	q->hang_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	q->event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (!q->gens || q->zeros == MAP_FAILED || q->hang_fd < 0 ||
-	    q->event_fd < 0) {
+	if (!q->gens || q->zeros == MAP_FAILED || q->event_fd < 0) {
 		if (q->zeros == MAP_FAILED)
 			q->zeros = NULL;
 		ret = qb_err(ENOMEM, QB_ERR_OTHER,
@@ -224,25 +224,36 @@ fail:
 
 void qb_quorum_close(struct qb_quorum *q)
 {
+	bool owed = false;
+
 	if (!q)
 		return;
-	while (q->ctxs)
-		qb_ctx_destroy(q->ctxs);
+	qb_bitmap_free(q);
+	/* contexts whose abandoned I/O never came back: what they hold is
+	 * released as it safely can be (buffers stay mapped) */
+	while (q->zombies) {
+		struct qb_ctx_link *z = q->zombies;
+
+		q->zombies = z->next;
+		z->release(z);
+	}
 	for (uint32_t i = 0; i < q->n; i++) {
 		if (q->rep[i].fd >= 0)
 			close(q->rep[i].fd);
+		if (q->rep[i].old_fd >= 0)
+			close(q->rep[i].old_fd);
 		free(q->rep[i].path);
 	}
-	for (uint32_t i = 0; i < q->ngraves; i++)
-		close(q->graveyard[i]);
-	if (q->hang_fd >= 0)
-		close(q->hang_fd);
+	for (uint32_t i = 0; i < q->ngates; i++)
+		close(q->gates[i]);
 	if (q->event_fd >= 0)
 		close(q->event_fd);
-	if (q->zeros)
+	for (uint32_t i = 0; i < q->n; i++)
+		owed |= __atomic_load_n(&q->rep[i].owed, __ATOMIC_ACQUIRE) != 0;
+	/* an abandoned zero-writing write may still read it */
+	if (q->zeros && !owed)
 		munmap(q->zeros, q->opt.max_io);
 	free(q->gens);
-	qb_wil_free(q->wil);
 	pthread_mutex_destroy(&q->lock);
 	pthread_mutex_destroy(&q->fault_lock);
 	free(q);
@@ -345,52 +356,66 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
 	return i;
 }
 
-bool qb_replica_take_out(struct qb_quorum *q, uint32_t r)
-{
-	int st = __atomic_load_n(&q->rep[r].state, __ATOMIC_ACQUIRE);
-
-	do {
-		if (st == QB_REPLICA_FAILED || st == QB_REPLICA_REMOVED)
-			return false;
-	} while (!__atomic_compare_exchange_n(&q->rep[r].state, &st,
-					      QB_REPLICA_FAILED, false,
-					      __ATOMIC_ACQ_REL,
-					      __ATOMIC_ACQUIRE));
-	__atomic_fetch_and(&q->in_service, ~(1u << r), __ATOMIC_ACQ_REL);
-	__atomic_fetch_and(&q->writable, ~(1u << r), __ATOMIC_ACQ_REL);
-	return true;
-}
-
-bool qb_replica_fail(struct qb_quorum *q, uint32_t r, int err,
-		     uint64_t offset, uint64_t length)
-{
-	qb_event(q, QB_EV_REPLICA_ERROR, (int)r, offset, length, err);
-	if (!qb_replica_take_out(q, r))
-		return false;
-	qb_event(q, QB_EV_REPLICA_FAILED, (int)r, offset, length, err);
-	qb_meta_replica_failed(q, r);
-	return true;
-}
-
-/* Fault hook. */
+/* Fault hook. A late fault's I/Os wait on a gate (an eventfd polled
+ * before each of them): the release fires it. A hang is a poll on an
+ * eventfd that never fires. Their eventfds are closed only at the end, so
+ * that one named by an SQE not submitted yet is still open. */
 int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t ops_mask, uint64_t offset, uint64_t length,
 		     uint32_t count, uint32_t delay_ms)
 {
-	int on = 0;
+	int on = 0, gate = -1;
 
-	if (replica >= q->n || kind > QB_FAULT_DELAY)
+	qb_err_clear();
+	if (replica >= qb_replicas(q) || kind > QB_FAULT_LATE)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "fault: no replica %u or kind %u", replica, kind);
 	pthread_mutex_lock(&q->fault_lock);
+	if (kind == QB_FAULT_LATE || kind == QB_FAULT_HANG) {
+		if (q->ngates == sizeof(q->gates) / sizeof(q->gates[0])) {
+			pthread_mutex_unlock(&q->fault_lock);
+			return qb_err(ENOSPC, QB_ERR_INVALID,
+				      "fault: %u late faults on one quorum, its most",
+				      q->ngates);
+		}
+		gate = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (gate < 0) {
+			pthread_mutex_unlock(&q->fault_lock);
+			return qb_err(errno, QB_ERR_OTHER, "eventfd: %s",
+				      strerror(errno));
+		}
+		q->gates[q->ngates++] = gate;
+	}
 	q->rep[replica].fault = (struct qb_fault){
 		.kind = kind, .ops_mask = ops_mask, .offset = offset,
 		.length = length, .count = count, .delay_ms = delay_ms,
+		.gate_fd = gate,
 	};
-	for (uint32_t i = 0; i < q->n; i++)
+	for (uint32_t i = 0; i < qb_replicas(q); i++)
 		on |= q->rep[i].fault.kind != QB_FAULT_NONE;
 	__atomic_store_n(&q->faults_on, on, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&q->fault_lock);
+	return 0;
+}
+
+int qb_quorum_release(struct qb_quorum *q, uint32_t replica)
+{
+	struct qb_fault *f;
+	uint64_t one = 1;
+	int gate;
+
+	qb_err_clear();
+	if (replica >= qb_replicas(q))
+		return qb_err(EINVAL, QB_ERR_INVALID, "no replica %u", replica);
+	pthread_mutex_lock(&q->fault_lock);
+	f = &q->rep[replica].fault;
+	gate = f->kind == QB_FAULT_LATE ? f->gate_fd : -1;
+	if (gate >= 0)
+		f->kind = QB_FAULT_NONE;
+	pthread_mutex_unlock(&q->fault_lock);
+	if (gate >= 0 && write(gate, &one, sizeof(one)) < 0)
+		return qb_err(errno, QB_ERR_OTHER, "releasing replica %u: %s",
+			      replica, strerror(errno));
 	return 0;
 }
 
@@ -414,22 +439,90 @@ bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,
 	return hit;
 }
 
-/* Contexts register so that counters can be summed over all of them. */
+/* ---- the contexts ---- */
+
+void qb_link_add(struct qb_quorum *q, struct qb_ctx_link *l)
+{
+	pthread_mutex_lock(&q->lock);
+	l->next = q->ctxs;
+	q->ctxs = l;
+	pthread_mutex_unlock(&q->lock);
+}
+
+/* Off the list of live contexts, its counters kept; a zombie (I/O still
+ * owed) goes to q->zombies. */
+void qb_link_remove(struct qb_quorum *q, struct qb_ctx_link *l, bool zombie)
+{
+	struct qb_ctx_link **p;
+
+	pthread_mutex_lock(&q->lock);
+	for (p = &q->ctxs; *p && *p != l; p = &(*p)->next)
+		;
+	if (*p)
+		*p = l->next;
+	qb_counters_add(&q->retired_dev, &l->dev);
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		qb_counters_add(&q->retired_rep[r], &l->rep[r]);
+	if (zombie) {
+		l->next = q->zombies;
+		__atomic_store_n(&q->zombies, l, __ATOMIC_RELEASE);
+	}
+	pthread_mutex_unlock(&q->lock);
+}
+
+void qb_links_wake(struct qb_quorum *q)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&q->lock);
+	for (struct qb_ctx_link *l = q->ctxs; l; l = l->next)
+		if (__atomic_load_n(&l->waiting, __ATOMIC_SEQ_CST))
+			(void)!write(l->wake_fd, &one, sizeof(one));
+	pthread_mutex_unlock(&q->lock);
+}
+
+void qb_owed(struct qb_quorum *q, uint32_t r, int delta)
+{
+	__atomic_add_fetch(&q->rep[r].owed, (uint32_t)delta, __ATOMIC_ACQ_REL);
+	if (delta < 0)
+		__atomic_add_fetch(&q->rep[r].late, (uint64_t)-delta,
+				   __ATOMIC_RELAXED);
+}
+
+uint32_t qb_replica_outstanding(struct qb_quorum *q, uint32_t r)
+{
+	uint32_t n = __atomic_load_n(&q->rep[r].owed, __ATOMIC_ACQUIRE);
+
+	pthread_mutex_lock(&q->lock);
+	for (struct qb_ctx_link *l = q->ctxs; l; l = l->next)
+		n += __atomic_load_n(&l->out[r], __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&q->lock);
+	return n;
+}
+
 void qb_quorum_counters(struct qb_quorum *q, struct qb_counters *dev,
 			struct qb_counters *per_replica)
 {
 	struct qb_counters rep[QB_MAX_REPLICAS];
+	uint32_t n = qb_replicas(q);
 
 	pthread_mutex_lock(&q->lock);
 	*dev = q->retired_dev;
 	memcpy(rep, q->retired_rep, sizeof(rep));
-	qb_ctx_counters_add(q->ctxs, dev, rep, q->n);
+	for (struct qb_ctx_link *l = q->ctxs; l; l = l->next) {
+		qb_counters_add(dev, &l->dev);
+		for (uint32_t r = 0; r < n; r++)
+			qb_counters_add(&rep[r], &l->rep[r]);
+	}
 	pthread_mutex_unlock(&q->lock);
-	for (uint32_t i = 0; i < q->n; i++)
+	for (uint32_t i = 0; i < n; i++) {
+		rep[i].late = __atomic_load_n(&q->rep[i].late, __ATOMIC_RELAXED);
+		rep[i].owed = __atomic_load_n(&q->rep[i].owed, __ATOMIC_RELAXED);
 		rep[i].state = (uint64_t)__atomic_load_n(&q->rep[i].state,
 							 __ATOMIC_ACQUIRE);
+	}
 	if (per_replica)
-		memcpy(per_replica, rep, q->n * sizeof(rep[0]));
+		memcpy(per_replica, rep, n * sizeof(rep[0]));
 }
 
 void qb_counters_add(struct qb_counters *to, const struct qb_counters *from)

@@ -68,6 +68,7 @@ enum qb_fault_kind {
 	QB_FAULT_EIO = 1,	/* the I/O fails with EIO */
 	QB_FAULT_HANG = 2,	/* the I/O never answers (until cancelled) */
 	QB_FAULT_DELAY = 3,	/* the I/O starts delay_ms late */
+	QB_FAULT_LATE = 4,	/* the I/O is held until qb_quorum_release */
 };
 
 /* Why the calling thread's last request or call failed, beyond errno. */
@@ -99,6 +100,8 @@ struct qb_counters {
 	uint64_t quorum_failures;	/* device only */
 	uint64_t errors;		/* failed I/Os */
 	uint64_t timeouts;		/* I/Os past the replica timeout */
+	uint64_t late;			/* replica only: abandoned I/Os that came back */
+	uint64_t owed;			/* replica only: abandoned I/Os not back yet */
 	uint64_t state;			/* replica only: enum qb_replica_state */
 };
 
@@ -170,7 +173,7 @@ struct qb_meta {
 
 /* Bytes a replica needs after data_size for its metadata. */
 uint64_t qb_meta_overhead(uint64_t data_size, uint32_t region_shift);
-uint64_t qb_meta_bitmap_bytes(uint32_t nregions);
+uint64_t qb_meta_bitmap_bytes(uint64_t nregions);
 /* Read a replica's metadata: 0, -ENODATA (none there), -EBADMSG (damaged) or
  * -errno. bitmap (bitmap_bytes long) may be NULL. */
 int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
@@ -200,6 +203,9 @@ int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms);
 int qb_quorum_attach(struct qb_quorum *q, const char *path,
 		     const struct qb_meta *m);
 
+/* In the child of a fork: the metadata writer is a thread, and threads do
+ * not cross a fork; the child gets its own. Call it before any other. */
+int qb_quorum_after_fork(struct qb_quorum *q);
 /* The dirty regions the quorum was opened with are resynced: from now on
  * qb_quorum_clean may clear them. */
 int qb_quorum_resynced(struct qb_quorum *q);
@@ -212,7 +218,7 @@ const char *qb_last_error(void);
 int qb_last_error_kind(void);	/* enum qb_err_kind */
 void qb_options_default(struct qb_options *o);
 
-/* The replica set. */
+/* The replica set. Close it after destroying every context on it. */
 int qb_quorum_open(const char *const *paths, uint32_t n,
 		   const struct qb_options *o, struct qb_quorum **out);
 void qb_quorum_close(struct qb_quorum *q);
@@ -232,11 +238,16 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
 /* An eventfd that becomes readable when events are pending. */
 int qb_quorum_event_fd(const struct qb_quorum *q);
 /* Test hook: make replica's I/Os of the ops in ops_mask (1 << QB_OP_*) that
- * touch [offset, offset + length) fail, hang or start late; count 0 means
- * until cleared. Kind QB_FAULT_NONE clears the replica's fault. */
+ * touch [offset, offset + length) fail, hang, start late or be held; count 0
+ * means until cleared. Offsets at or beyond the data size are the
+ * metadata's. Kind QB_FAULT_NONE clears the replica's fault. Delayed and
+ * held I/Os really run when their time comes (or they are released), even
+ * after the engine abandoned them: late completions. */
 int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t ops_mask, uint64_t offset, uint64_t length,
 		     uint32_t count, uint32_t delay_ms);
+/* Let every I/O held by replica's QB_FAULT_LATE run now, and clear it. */
+int qb_quorum_release(struct qb_quorum *q, uint32_t replica);
 
 /* Pure vote over one block: bufs[i] is replica i's copy (or NULL: no vote).
  * Returns the winning replica, or -1 when no class reaches threshold; *win
@@ -251,11 +262,17 @@ enum qb_ctx_flags {
 };
 int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
 		  struct qb_ctx **out);
+/* A context whose abandoned I/O has not all come back stays with the
+ * quorum (its buffers untouched) until it has, or until the quorum closes. */
 void qb_ctx_destroy(struct qb_ctx *c);
+/* Process what has completed without waiting: late completions of this
+ * context's abandoned I/O, and of destroyed contexts'. */
+int qb_ctx_poll(struct qb_ctx *c);
 /* Replica r's buffer of a slot: max_io bytes, page aligned. */
 void *qb_ctx_buf(struct qb_ctx *c, uint32_t slot, uint32_t replica);
 /* Synchronous request on slot 0: a read copies the voted data into buf, a
- * write takes it from buf. Returns bytes done or -errno. */
+ * write takes it from buf (the engine copies it into the slot's buffer).
+ * Returns bytes done or -errno. */
 int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 		  uint64_t offset, uint32_t length, void *buf);
 /*
@@ -284,7 +301,7 @@ struct qb_sync_result {
 int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
 		uint32_t targets, uint32_t flags, struct qb_sync_result *res);
 
-/* Run the load generator to completion on this context. */
+/* Run the load generator (loadgen.c) to completion on this context. */
 int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
 		 struct qb_bench_result *res);
 

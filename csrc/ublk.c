@@ -43,6 +43,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine.h"
 #include "qb.h"
 #include "ublk_int.h"
 
@@ -71,6 +72,8 @@ struct qb_queue {
 	const struct ublksrv_io_desc *desc;
 	size_t desc_len;
 	void **buf;			/* per tag: the address last handed over */
+	int32_t *unsent;		/* per tag: a commit that found no SQE */
+	uint32_t nunsent;		/* how many wait in unsent */
 	uint32_t cmds;			/* ublk commands the kernel holds */
 	bool quit;			/* leave now, whatever is out */
 	int err;			/* the loop's failure, -errno */
@@ -117,7 +120,7 @@ static int queue_cmd(struct qb_queue *qu, uint32_t op, uint32_t tag,
 	struct ublksrv_io_cmd *cmd;
 
 	if (!sqe)
-		return queue_fail(qu, -EBUSY, "no free SQE for a ublk command");
+		return -EBUSY;
 	qb_sqe128_zero(sqe);
 	cmd = (struct ublksrv_io_cmd *)sqe->cmd;
 	sqe->opcode = IORING_OP_URING_CMD;
@@ -132,9 +135,34 @@ static int queue_cmd(struct qb_queue *qu, uint32_t op, uint32_t tag,
 	return 0;
 }
 
+#define NOT_UNSENT INT32_MIN
+
+/* Commit a request's result and fetch the tag's next. Without an SQE (only
+ * a broken ring has none) it is kept and sent again by the loop: a tag is
+ * never lost. */
 static void queue_commit(struct qb_queue *qu, uint32_t tag, int32_t result)
 {
-	queue_cmd(qu, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result);
+	if (queue_cmd(qu, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, result) < 0) {
+		qu->unsent[tag] = result;
+		qu->nunsent++;
+	}
+}
+
+static void queue_send_unsent(struct qb_queue *qu)
+{
+	uint32_t depth = qu->dev->info.queue_depth;
+
+	for (uint32_t tag = 0; tag < depth && qu->nunsent; tag++) {
+		int32_t result = qu->unsent[tag];
+
+		if (result == NOT_UNSENT)
+			continue;
+		if (queue_cmd(qu, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag,
+			      result) < 0)
+			return;
+		qu->unsent[tag] = NOT_UNSENT;
+		qu->nunsent--;
+	}
 }
 
 static int queue_arm_wake(struct qb_queue *qu)
@@ -158,9 +186,9 @@ static void queue_done(struct qb_ctx *c, uint32_t tag, int res, void *data,
 
 	/*
 	 * A good read commits the voted buffer itself. Otherwise the tag gets
-	 * the slot's current first buffer: the engine replaces a buffer that
-	 * an abandoned (timed-out) I/O may still write into, so this one is
-	 * safe for the kernel to copy the next write into.
+	 * the slot's current first buffer. Either is one the engine has not set
+	 * aside for an abandoned (timed-out) I/O, so it is safe for the kernel
+	 * to copy the next write into.
 	 */
 	if (data && res >= 0)
 		qu->buf[tag] = data;
@@ -245,8 +273,11 @@ static int queue_init(struct qb_queue *qu)
 	int ret;
 
 	qu->buf = calloc(depth, sizeof(*qu->buf));
-	if (!qu->buf)
+	qu->unsent = calloc(depth, sizeof(*qu->unsent));
+	if (!qu->buf || !qu->unsent)
 		return queue_fail(qu, -ENOMEM, "tag table");
+	for (uint32_t tag = 0; tag < depth; tag++)
+		qu->unsent[tag] = NOT_UNSENT;
 	ret = qb_ctx_create(dev->q, depth, QB_CTX_SQE128, &qu->ctx);
 	if (ret < 0) {
 		snprintf(qu->msg, sizeof(qu->msg), "ublk device %d queue %u: %s",
@@ -263,6 +294,8 @@ static int queue_init(struct qb_queue *qu)
 	for (uint32_t tag = 0; tag < depth && !ret; tag++) {
 		qu->buf[tag] = qb_ctx_buf(qu->ctx, tag, 0);
 		ret = queue_cmd(qu, UBLK_U_IO_FETCH_REQ, tag, -1);
+		if (ret < 0)
+			return queue_fail(qu, ret, "no free SQE for a fetch");
 	}
 	if (!ret)
 		ret = qb_ctx_run(qu->ctx, 0);	/* submits the fetches */
@@ -282,15 +315,19 @@ static void queue_deinit(struct qb_queue *qu)
 	qu->ctx = NULL;
 	free(qu->buf);
 	qu->buf = NULL;
+	free(qu->unsent);
+	qu->unsent = NULL;
 }
 
 static void queue_loop(struct qb_queue *qu)
 {
-	while (qu->cmds || qb_ctx_inflight(qu->ctx)) {
+	while (qu->cmds || qu->nunsent || qb_ctx_inflight(qu->ctx)) {
 		if (__atomic_load_n(&qu->quit, __ATOMIC_ACQUIRE))
 			break;
 		if (qu->err && !qb_ctx_inflight(qu->ctx))
 			break;
+		if (qu->nunsent)
+			queue_send_unsent(qu);
 		int ret = qb_ctx_run(qu->ctx, 1);
 
 		if (ret < 0) {

@@ -20,7 +20,8 @@ OPS = {"read": lib.QB_OP_READ, "write": lib.QB_OP_WRITE,
        "flush": lib.QB_OP_FLUSH, "discard": lib.QB_OP_DISCARD,
        "write_zeroes": lib.QB_OP_WRITE_ZEROES}
 FAULTS = {None: lib.QB_FAULT_NONE, "eio": lib.QB_FAULT_EIO,
-          "hang": lib.QB_FAULT_HANG, "delay": lib.QB_FAULT_DELAY}
+          "hang": lib.QB_FAULT_HANG, "delay": lib.QB_FAULT_DELAY,
+          "late": lib.QB_FAULT_LATE}
 EVENT_TYPES = {lib.QB_EV_BAD_BLOCK: "bad-block",
                lib.QB_EV_REPLICA_ERROR: "replica-error",
                lib.QB_EV_REPLICA_FAILED: "replica-failed",
@@ -34,7 +35,9 @@ STATE_VALUES = {v: k for k, v in REPLICA_STATES.items()}
 COUNTERS = ("reads", "writes", "flushes", "discards", "write_zeroes",
             "read_bytes", "write_bytes", "bad_blocks", "repairs",
             "quorum_failures", "errors", "timeouts")
-REPLICA_COUNTERS = tuple(c for c in COUNTERS if c != "quorum_failures")
+# late: abandoned I/Os that came back after all; owed: those not back yet
+REPLICA_COUNTERS = tuple(c for c in COUNTERS if c != "quorum_failures") + \
+    ("late", "owed")
 
 CTX_DEPTH = 32
 
@@ -166,9 +169,16 @@ class Quorum:
                 return
             while self._busy:
                 self._idle.wait()
-            # qb_quorum_close destroys every context still registered
-            lib.qb_quorum_close(q)
+            for ptr in self._ctxs:
+                lib.qb_ctx_destroy(ptr)
             self._ctxs = []
+            lib.qb_quorum_close(q)
+        self._local = threading.local()
+
+    def after_fork(self):
+        """In a forked child (the daemon): the engine's threads and this
+        thread's context stay with the parent; the child gets its own."""
+        raise_for(lib.qb_quorum_after_fork(self._q), lib, ffi)
         self._local = threading.local()
 
     def _enter(self):
@@ -341,7 +351,9 @@ class Quorum:
     def attach(self, path, header):
         """Bring a replica into the live set (quorumblk.meta prepares its
         header): it gets every write from now on, no reads until it is
-        resynced and set in service. Returns its index."""
+        resynced and set in service. Returns its index. Refused (EBUSY)
+        while I/O issued to it before it failed has not come back."""
+        lib.qb_ctx_poll(self._ctx())    # late completions this thread holds
         r = raise_for(lib.qb_quorum_attach(self._q, str(path).encode(), header),
                       lib, ffi)
         with self._lock:
@@ -398,6 +410,17 @@ class Quorum:
         return out
 
     @_guarded
+    def release(self, replica):
+        """Let the I/Os that a "late" fault holds on replica run now."""
+        raise_for(lib.qb_quorum_release(self._q, replica), lib, ffi)
+
+    @_guarded
+    def poll(self):
+        """Process this thread's completed I/O without waiting (late
+        completions are counted when their thread next calls in)."""
+        raise_for(lib.qb_ctx_poll(self._ctx()), lib, ffi)
+
+    @_guarded
     def event_fd(self):
         return lib.qb_quorum_event_fd(self._q)
 
@@ -406,7 +429,11 @@ class Quorum:
                                                 "discard", "write_zeroes"),
                offset=0, length=None, count=0, delay=0.0):
         """Test hook: make replica's I/Os fail ("eio"), never answer
-        ("hang") or start late ("delay"); kind None clears it."""
+        ("hang"), start `delay` seconds late ("delay") or wait until
+        release() ("late"); kind None clears it. Delayed and held I/Os
+        really run in the end, also after the engine gave up on them.
+        Offsets from self.size on are the metadata's (length None: the
+        data area)."""
         mask = 0
         for op in ops:
             mask |= 1 << _choice("op", op, OPS)

@@ -542,6 +542,7 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=Fal
     status = 1
     d = None
     try:
+        q.after_fork()
         os.chdir("/")
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -23,14 +23,17 @@ error at once.
                           and voted; losing copies are rewritten (or, with
                           repair off, only counted).
 """
+import errno
 import os
 import threading
 import time
 
 from . import meta, runtime
+from .errors import QuorumError
 from .runtime import CommandError
 
 REFUSED = 10                    # the replicas were refused (cli's exit codes)
+OWED_WAIT_S = 10.0              # readd waits this long for I/O still owed
 
 
 class LifecycleError(CommandError):
@@ -216,7 +219,7 @@ class Lifecycle:
                 f"set {meta.uuid_text(ref.set_uuid)}: refused")
         full = bool(ref.members[slots[0]].flags & meta.FULL_SYNC)
         self._check_free(ident)
-        r = q.attach(ident, m)
+        r = self._attach_when_settled(ident, m)
         self.changed()
         shift, n = ref.region_shift, ref.nregions
         ranges = ([(0, q.size)] if full else
@@ -271,6 +274,24 @@ class Lifecycle:
         return {"removed": path, "index": i}
 
     # -- helpers --
+    def _attach_when_settled(self, path, header):
+        """Attach a member that failed, once the I/O it was given before it
+        failed has all come back (a late write must not land after its
+        resync): wait a while for it, then refuse, saying so."""
+        deadline = time.monotonic() + OWED_WAIT_S
+        while True:
+            try:
+                return self.q.attach(path, header)
+            except QuorumError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LifecycleError(
+                        f"{e.strerror}; waited {OWED_WAIT_S:.0f} s: the storage "
+                        "still holds them (a hung server or a suspended device); "
+                        "try again once it answers") from None
+            time.sleep(0.1)
+
     def _path_of(self, name):
         """The path to open for a readd: a path as given, or the path the
         replica had (by index)."""

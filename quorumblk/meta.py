@@ -24,11 +24,12 @@ also everything written while it was out (bits are never cleared while a
 member is out of service). A replica that joined empty (replace,
 add-replica) and had not finished its resync gets the whole device.
 
-The vote of a resync takes the largest class even below the threshold (ties:
-the earliest replica given): a region is dirty only where a write may have
-been in flight, and a write in flight was never acknowledged, so either
-version is a correct result; what matters is that every replica ends up
-with the same one.
+In the dirty regions, the vote of a resync takes the largest class even
+below the threshold (ties: the earliest replica given): a region is dirty
+only where a write may have been in flight, and a write in flight was never
+acknowledged, so either version is a correct result; what matters is that
+every replica ends up with the same one. Everywhere else no quorum stays no
+quorum: reported, never "resolved".
 """
 import errno
 import os
@@ -326,6 +327,12 @@ def commit(paths, plan):
         write(p, m, plan.bitmap)
 
 
+def _add_counts(total, res):
+    for k in ("blocks", "differing", "unrecoverable", "written"):
+        total[k] += res[k]
+    total["bad"] = [a + b for a, b in zip(total["bad"], res["bad"])]
+
+
 def sync_ranges(q, ranges, targets=(), progress=None, **kw):
     """q.sync over [(offset, length)] in SYNC_STEP pieces, the counts
     added up. progress(bytes done) is called after each piece."""
@@ -335,10 +342,7 @@ def sync_ranges(q, ranges, targets=(), progress=None, **kw):
         end = min(off + length, q.size)
         while off < end:
             n = min(SYNC_STEP, end - off)
-            res = q.sync(off, n, targets=targets, **kw)
-            for k in ("blocks", "differing", "unrecoverable", "written"):
-                total[k] += res[k]
-            total["bad"] = [a + b for a, b in zip(total["bad"], res["bad"])]
+            _add_counts(total, q.sync(off, n, targets=targets, **kw))
             total["bytes"] += n
             off += n
             if progress:
@@ -346,20 +350,45 @@ def sync_ranges(q, ranges, targets=(), progress=None, **kw):
     return total
 
 
+def _gaps(ranges, size):
+    """[(offset, length)] of [0, size) that ranges (sorted, merged) leave."""
+    out, at = [], 0
+    for off, length in ranges:
+        if off > at:
+            out.append((at, off - at))
+        at = max(at, off + length)
+    if at < size:
+        out.append((at, size - at))
+    return out
+
+
 def resync(q, plan, progress=None):
-    """Resync before the device serves, by vote (plurality: see the
-    module's text): the dirty regions after an unclean stop, and what stale
-    replicas missed (they get the result). Returns the report that `status`
-    shows as "resync"."""
+    """Resync before the device serves, by vote: the dirty regions after an
+    unclean stop, and what stale replicas missed (they get the result). The
+    crash rule (plurality, see the module's text) holds only in the regions
+    the bitmap holds dirty: a replica that joined empty and never finished
+    gets the rest of the device too, by the normal vote, where a block
+    without quorum stays as it is and is counted. Returns the report that
+    `status` shows as "resync"."""
     stale = plan.stale
     whole = bool(plan.full_sync())
     regions = [(0, q.size)] if whole else plan.dirty_regions()
     reason = ("stale-replica" if stale else
               "unclean-stop" if regions else "none")
-    ranges = regions if whole else dirty_ranges(
-        plan.bitmap, plan.metas[0].region_shift, plan.metas[0].nregions)
-    res = sync_ranges(q, ranges, targets=stale, progress=progress,
-                      plurality=True)
+    dirty = dirty_ranges(plan.bitmap, plan.metas[0].region_shift,
+                         plan.metas[0].nregions)
+    passes = [(dirty, True)]
+    if whole:
+        passes.append((_gaps(dirty, q.size), False))
+    res = {"bytes": 0, "blocks": 0, "differing": 0, "unrecoverable": 0,
+           "written": 0, "bad": [0] * len(q.paths)}
+    for ranges, plurality in passes:
+        done = res["bytes"]
+        step = (lambda n, done=done: progress(done + n)) if progress else None
+        part = sync_ranges(q, ranges, targets=stale, progress=step,
+                           plurality=plurality)
+        _add_counts(res, part)
+        res["bytes"] += part["bytes"]
     q.resynced()
     for i in stale:
         q.set_state(i, "in-service")

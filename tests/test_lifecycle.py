@@ -246,3 +246,27 @@ def test_crash_resync_makes_replicas_identical_by_plurality(imgs):
     with open(imgs[0], "rb") as f:
         f.seek(6 * REGION)
         assert f.read(2 * BS) == b"n" * BS + pattern(1, SIZE)[6 * REGION + BS:6 * REGION + 2 * BS]
+
+
+def test_after_an_interrupted_replace_a_clean_tie_stays_no_quorum(imgs, tmp_path):
+    """The whole-device resync after an interrupted replace or add-replica
+    uses the crash rule (plurality) only where the bitmap holds regions
+    dirty. Elsewhere a block on which the in-service copies tie is no
+    quorum: reported and left as it is, never "resolved" to the first
+    replica's copy (which here is the rotten one)."""
+    two = imgs[:2]
+    q, _ = start(two, threshold=2)
+    new = bare(tmp_path, "new.img")
+    ref = q.header(0)
+    members = [(bytes(ref.members[s].uuid), ref.members[s].state)
+               for s in range(ref.nmembers)]
+    r = q.attach(new, meta.new_member(ref, members, new))
+    q.sync(0, SIZE // 2, targets=[r], blind=True)      # then the daemon died
+    q.close()
+    flip(imgs[0], 9 * REGION + 5)                       # clean region, a rots
+    b_before = data(imgs[1])
+    q, report = start(two + [new], threshold=2)
+    assert report["whole"]
+    assert report["unrecoverable_blocks"] == 1
+    q.close()
+    assert data(imgs[1]) == b_before                    # b's copy was kept

@@ -177,3 +177,76 @@ def test_a_members_absence_is_recorded_and_keeps_bits(imgs):
     plan = meta.assemble(imgs, 2)
     assert plan.stale == [2]
     assert [o // REGION for o, _ in plan.dirty_regions()] == [1]
+
+
+def write_raw_header(path, m):
+    """Encode m as csrc/meta.c does (magic, version, length, the struct, an
+    xxh3-64 of the rest) into the copy its seq picks, with no check: what a
+    damaged or hostile disk could hold."""
+    import struct
+    import xxhash
+    from quorumblk._core import ffi
+    body = b"QBLKMETA" + struct.pack("<II", 1, 4096) + \
+        bytes(ffi.buffer(m, ffi.sizeof("struct qb_meta")))
+    body = body.ljust(4088, b"\0")
+    block = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    with open(path, "r+b") as f:
+        f.seek(m.replica_size - 8192 + (m.seq & 1) * 4096)
+        f.write(block)
+
+
+def _crafted(imgs, change):
+    """Replica 0's header with change(m) applied, written back as if valid."""
+    start(imgs)[0].close()
+    m = meta.read(imgs[0])[0]
+    change(m)
+    write_raw_header(imgs[0], m)
+    return m
+
+
+@pytest.mark.parametrize("what,change", [
+    ("threshold 0", lambda m: setattr(m, "threshold", 0)),
+    ("threshold above the members", lambda m: setattr(m, "threshold", 9)),
+    ("a member state out of range", lambda m: setattr(m.members[1], "state", 77)),
+    ("unknown member flags", lambda m: setattr(m.members[1], "flags", 1 << 20)),
+    ("data beyond the replica", lambda m: setattr(m, "data_size", m.data_size + (1 << 30))),
+    ("data not a whole number of sectors", lambda m: setattr(m, "data_size", m.data_size - 100)),
+    ("a region count that disagrees", lambda m: setattr(m, "nregions", m.nregions + 1)),
+])
+def test_a_crafted_header_is_refused(imgs, what, change):
+    """A header from disk is untrusted input: every field is range-checked
+    before anything indexes by it."""
+    _crafted(imgs, change)
+    with pytest.raises(meta.SetError, match="damaged|implausible"):
+        meta.read(imgs[0])
+
+
+def test_a_region_count_that_wraps_32_bits_is_refused(tmp_path):
+    """data_size / region size above 2^32 used to be truncated to 32 bits,
+    so a crafted header passed and bitmap indexes ran out of bounds. A
+    sparse 16 TiB file in RAM holds such a header."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm for a sparse 16 TiB file")
+    import tempfile
+    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
+    try:
+        paths = []
+        for c in "abc":
+            p = os.path.join(d, f"{c}.img")
+            with open(p, "wb") as f:
+                f.truncate(SIZE)
+            paths.append(p)
+        start(paths)[0].close()
+        m = meta.read(paths[0])[0]
+        data = (1 << 44) + 4096          # 2^32 + 1 regions of 4 KiB
+        m.data_size = data
+        m.region_shift = 12
+        m.nregions = 1                  # what the 32-bit truncation gives
+        m.replica_size = data + 4096 + 4096 + 8192
+        with open(paths[0], "r+b") as f:
+            f.truncate(m.replica_size)
+        write_raw_header(paths[0], m)
+        with pytest.raises(meta.SetError, match="damaged|implausible"):
+            meta.read(paths[0])
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
