@@ -172,8 +172,6 @@ static void *set_aside(struct qb_ctx *c, struct qb_slot *s, uint32_t k)
 		memcpy(fresh + at, s->out, s->len);
 		s->out = fresh + at;
 	}
-	if (s->src == old)
-		s->src = fresh;
 	return old;
 }
 
@@ -218,7 +216,7 @@ static void abandon(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
 		o->replica = r;
 		o->left = n;
 		if (k >= 0)
-			o->buf[0] = set_aside(c, s, (uint32_t)k);
+			o->buf = set_aside(c, s, (uint32_t)k);
 		o->next = c->orphans;
 		c->orphans = o;
 	}
@@ -244,9 +242,8 @@ static bool orphan_cqe(struct qb_ctx *c, uint64_t ud)
 	if (--o->left)
 		return true;
 	*p = o->next;
-	for (int i = 0; i < 2; i++)
-		if (o->buf[i])
-			buf_spare(c, o->buf[i]);
+	if (o->buf)
+		buf_spare(c, o->buf);
 	free(o);
 	return true;
 }

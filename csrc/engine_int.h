@@ -110,7 +110,7 @@ struct qb_slot {
 struct orphan {
 	uint32_t slot, gen, replica;
 	uint32_t left;		/* CQEs still to come */
-	void *buf[2];		/* set aside for them (NULL: none) */
+	void *buf;		/* set aside for them (NULL: none) */
 	struct orphan *next;
 };
 

@@ -206,7 +206,7 @@ void qb_issue(struct qb_ctx *c, struct qb_slot *s, uint32_t r, uint32_t kind,
 
 	if (qb_fault_match(q, r, op, off, len ? len : 1, &f) &&
 	    f.kind == QB_FAULT_EIO) {
-		qb_io_result(c, s, r, kind, -EIO, len, off);
+		qb_io_result(c, s, r, kind, -f.err, len, off);
 		return;
 	}
 	count_replica_io(c, r, op, len);

@@ -41,6 +41,7 @@ struct qb_fault {
 	uint32_t count;		/* left; 0: until cleared */
 	uint32_t delay_ms;
 	int gate_fd;		/* LATE: held until it fires; HANG: never does */
+	int err;		/* EIO: the errno it fails with */
 };
 
 struct qb_replica {

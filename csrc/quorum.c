@@ -362,7 +362,7 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
  * that one named by an SQE not submitted yet is still open. */
 int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t ops_mask, uint64_t offset, uint64_t length,
-		     uint32_t count, uint32_t delay_ms)
+		     uint32_t count, uint32_t delay_ms, int32_t err)
 {
 	int on = 0, gate = -1;
 
@@ -389,7 +389,7 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 	q->rep[replica].fault = (struct qb_fault){
 		.kind = kind, .ops_mask = ops_mask, .offset = offset,
 		.length = length, .count = count, .delay_ms = delay_ms,
-		.gate_fd = gate,
+		.gate_fd = gate, .err = err > 0 ? err : EIO,
 	};
 	for (uint32_t i = 0; i < qb_replicas(q); i++)
 		on |= q->rep[i].fault.kind != QB_FAULT_NONE;

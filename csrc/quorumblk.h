@@ -65,7 +65,7 @@ enum qb_event_type {
 
 enum qb_fault_kind {
 	QB_FAULT_NONE = 0,
-	QB_FAULT_EIO = 1,	/* the I/O fails with EIO */
+	QB_FAULT_EIO = 1,	/* the I/O fails (with EIO, or err) */
 	QB_FAULT_HANG = 2,	/* the I/O never answers (until cancelled) */
 	QB_FAULT_DELAY = 3,	/* the I/O starts delay_ms late */
 	QB_FAULT_LATE = 4,	/* the I/O is held until qb_quorum_release */
@@ -240,12 +240,13 @@ int qb_quorum_event_fd(const struct qb_quorum *q);
 /* Test hook: make replica's I/Os of the ops in ops_mask (1 << QB_OP_*) that
  * touch [offset, offset + length) fail, hang, start late or be held; count 0
  * means until cleared. Offsets at or beyond the data size are the
- * metadata's. Kind QB_FAULT_NONE clears the replica's fault. Delayed and
+ * metadata's; err is the errno a failing I/O gets (0: EIO). Kind
+ * QB_FAULT_NONE clears the replica's fault. Delayed and
  * held I/Os really run when their time comes (or they are released), even
  * after the engine abandoned them: late completions. */
 int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t ops_mask, uint64_t offset, uint64_t length,
-		     uint32_t count, uint32_t delay_ms);
+		     uint32_t count, uint32_t delay_ms, int32_t err);
 /* Let every I/O held by replica's QB_FAULT_LATE run now, and clear it. */
 int qb_quorum_release(struct qb_quorum *q, uint32_t replica);
 

@@ -427,9 +427,9 @@ class Quorum:
     @_guarded
     def inject(self, replica, kind="eio", ops=("read", "write", "flush",
                                                 "discard", "write_zeroes"),
-               offset=0, length=None, count=0, delay=0.0):
-        """Test hook: make replica's I/Os fail ("eio"), never answer
-        ("hang"), start `delay` seconds late ("delay") or wait until
+               offset=0, length=None, count=0, delay=0.0, error=errno.EIO):
+        """Test hook: make replica's I/Os fail ("eio", with errno `error`),
+        never answer ("hang"), start `delay` seconds late ("delay") or wait until
         release() ("late"); kind None clears it. Delayed and held I/Os
         really run in the end, also after the engine gave up on them.
         Offsets from self.size on are the metadata's (length None: the
@@ -442,7 +442,7 @@ class Quorum:
         raise_for(lib.qb_quorum_inject(self._q, replica,
                                        _choice("fault", kind, FAULTS), mask,
                                        offset, length, count,
-                                       int(delay * 1000)), lib, ffi)
+                                       int(delay * 1000), error), lib, ffi)
 
 
 def vote(bufs, threshold, hash="xxh3"):

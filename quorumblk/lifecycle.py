@@ -33,7 +33,7 @@ from .errors import QuorumError
 from .runtime import CommandError
 
 REFUSED = 10                    # the replicas were refused (cli's exit codes)
-OWED_WAIT_S = 10.0              # readd waits this long for I/O still owed
+OWED_WAIT_S = 2.0               # readd waits this long for I/O still owed
 
 
 class LifecycleError(CommandError):

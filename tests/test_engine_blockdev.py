@@ -179,3 +179,32 @@ def test_files_beside_block_devices_keep_the_same_data_size(loops, tmp_path):
     q.write(0, b"m" * BS)
     q.close()
     assert pread(f, 0, BS) == dev_read(loops[0], 0, BS) == b"m" * BS
+
+
+def test_many_chunks_in_flight_overflow_nothing(tmp_path, open_quorum):
+    """Devices that take 64 KiB at most unsplit (loop devices here): a 1 MiB
+    request is 16 chunks per replica, 128 requests in flight are 6144
+    replica I/Os, more than the completion queue holds. None is lost, none
+    fails, and every byte is where it belongs."""
+    size = 64 << 20
+    files = make_images(tmp_path, size=size)
+    gen = attach(files)
+    devs = next(gen)
+    try:
+        for d in devs:
+            name = os.path.basename(os.path.realpath(d))
+            with open(f"/sys/block/{name}/queue/max_sectors_kb", "w") as f:
+                f.write("64")
+        q = open_quorum(devs, 2)
+        res = q.bench("write", bs=1 << 20, depth=128, count=512)
+        assert res["errors"] == 0 and res["ops"] == 512
+        res = q.bench("read", bs=1 << 20, depth=128, count=512)
+        assert res["errors"] == 0 and res["ops"] == 512
+        assert q.replica_states() == ["in-service"] * 3
+        data = pattern(5, 1 << 20)
+        q.write(3 << 20, data)
+        assert q.read(3 << 20, 1 << 20) == data
+        assert dev_read(devs[2], 3 << 20, 1 << 20) == data
+        q.close()
+    finally:
+        gen.close()

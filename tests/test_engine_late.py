@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import BS, flip, image, pread
-from quorumblk import Quorum, QuorumError
+from conftest import BS, flip, pread
+from quorumblk import QuorumError
 
 TIMEOUT = 0.5
 LATE = 2.0       # the delay fault: the I/O starts this long after it was issued
@@ -241,7 +241,7 @@ def test_readd_waits_for_owed_io_then_refuses_saying_why(tmp_path, monkeypatch):
             life.readd(paths[2])
         assert states(q)[2] == "failed"
         # released while readd waits: it goes on
-        monkeypatch.setattr(lifecycle, "OWED_WAIT_S", 10.0)
+        monkeypatch.setattr(lifecycle, "OWED_WAIT_S", 5.0)
         import threading
         threading.Timer(0.5, q.release, args=(2,)).start()
         job = life.readd(paths[2])

@@ -250,3 +250,50 @@ def test_a_region_count_that_wraps_32_bits_is_refused(tmp_path):
             meta.read(paths[0])
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_clean_whose_sync_fails_clears_no_bit(imgs):
+    """A clean clears bits only once every replica's fdatasync succeeded: the
+    bits are all that tells a readd what a replica may lack. (The fault is
+    on the metadata's fdatasync: offsets from the data size on.)"""
+    q, _ = start(imgs)
+    q.write(REGION, b"x" * 4096)
+    q.inject(2, "eio", ops=("flush",), offset=q.size, length=1 << 40)
+    assert q.clean(idle=0) == 0
+    assert q.replica_states()[2] == "failed"
+    assert 1 in bits(q.bitmap())
+    q.close()
+    for p in imgs[:2]:
+        assert 1 in bits(meta.read(p)[1])
+
+
+def test_a_hung_metadata_write_fails_its_replica_within_the_timeout(imgs):
+    """The bitmap page for a first write to a region hangs on one replica (as
+    a hung server holds it): the write completes within the replica timeout
+    plus a margin without it, the headers record it failed, and the page
+    write that comes back late is counted and lets the replica rejoin."""
+    import time
+    q, _ = start(imgs, timeout=1.0)
+    q.write(0, b"a" * 4096)                      # region 0 marked
+    q.inject(2, "late", ops=("write",), offset=q.size, length=1 << 40)
+    t0 = time.monotonic()
+    q.write(5 * REGION, b"b" * 4096)             # needs a mark: held on c
+    assert time.monotonic() - t0 < 1.0 + 3.0
+    assert q.replica_states() == ["in-service", "in-service", "failed"]
+    failed = [e for e in q.events() if e["type"] == "replica-failed"]
+    assert [(e["replica"], e["errno"]) for e in failed] == [(2, "ETIMEDOUT")]
+    assert failed[0]["offset"] >= q.size         # the metadata, not data
+    st = q.status()["replicas"][2]
+    assert st["owed"] == 1
+    q.write(0, b"c" * 4096)                      # marked: no wait at all
+    q.release(2)
+    end = time.monotonic() + 5
+    while q.status()["replicas"][2]["owed"] and time.monotonic() < end:
+        time.sleep(0.05)
+    assert q.status()["replicas"][2]["late"] == 1
+    q.close()
+    # the others' headers say c failed; c's own was not rewritten
+    for p in imgs[:2]:
+        m = meta.read(p)[0]
+        assert m.members[2].state == meta.FAILED
+    assert meta.assemble(imgs, 2).stale == [2]

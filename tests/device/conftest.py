@@ -252,3 +252,76 @@ def images(scratch):
         return [make_sparse(os.path.join(scratch, f"{prefix}{i}.img"), size)
                 for i in range(n)]
     return _images
+
+
+class DmReplica:
+    """A replica block device for fault injection: device-mapper over a loop
+    device over a sparse file in the test's scratch folder. Its table is
+    switched at will (linear, error, flakey, delay, dust), and it can be
+    suspended with its I/O held, as a hung server holds it."""
+
+    def __init__(self, scratch, name, size):
+        self.name = name
+        self.sectors = size // 512
+        self.file = make_sparse(os.path.join(scratch, f"{name}.img"), size)
+        self.loop = run(["losetup", "-f", "--show", self.file]).stdout.strip()
+        self.path = f"/dev/mapper/{name}"
+        run(["dmsetup", "create", name, "--table", self.linear()])
+
+    def linear(self):
+        return f"0 {self.sectors} linear {self.loop} 0"
+
+    def swap(self, table):
+        """Load table and switch to it (in-flight I/O completes first)."""
+        run(["dmsetup", "load", self.name, "--table", table])
+        run(["dmsetup", "suspend", self.name])
+        run(["dmsetup", "resume", self.name])
+
+    def heal(self):
+        self.swap(self.linear())
+
+    def error(self):
+        """Every I/O fails from now on."""
+        self.swap(f"0 {self.sectors} error")
+
+    def fail_writes(self):
+        """dm-flakey: up 0 s, then writes fail for an hour."""
+        self.swap(f"0 {self.sectors} flakey {self.loop} 0 0 3600 1 error_writes")
+
+    def delay(self, ms):
+        """dm-delay: every read and write held ms milliseconds."""
+        self.swap(f"0 {self.sectors} delay {self.loop} 0 {ms}")
+
+    def dust(self, bad_blocks, block_size=4096):
+        """dm-dust: reads of these blocks fail (EIO) until they are written."""
+        self.swap(f"0 {self.sectors} dust {self.loop} 0 {block_size}")
+        for b in bad_blocks:
+            run(["dmsetup", "message", self.name, "0", "addbadblock", str(b)])
+        run(["dmsetup", "message", self.name, "0", "enable"])
+
+    def suspend(self):
+        """Hold every I/O (issued or new) until resume(): a hung server."""
+        run(["dmsetup", "suspend", "--noflush", self.name])
+
+    def resume(self):
+        run(["dmsetup", "resume", self.name])
+
+    def remove(self):
+        run(["dmsetup", "resume", self.name], check=False)
+        run(["dmsetup", "remove", "--retry", self.name], check=False)
+        run(["losetup", "-d", self.loop], check=False)
+
+
+@pytest.fixture
+def dm_replica(scratch):
+    """dm_replica(size) -> a DmReplica, removed at teardown."""
+    made = []
+
+    def _make(size):
+        d = DmReplica(scratch, f"qbdm{os.getpid()}_{len(made)}", size)
+        made.append(d)
+        return d
+
+    yield _make
+    for d in made:
+        d.remove()

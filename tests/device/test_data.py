@@ -329,35 +329,6 @@ def test_two_replicas_corrupted_differently_fail_that_block_only(
 
 # ---- a replica that starts failing under load ----
 
-@pytest.fixture
-def dm_replica(scratch):
-    """dm_replica(size) -> /dev/mapper/NAME over a loop device over a file
-    in /dev/shm, as dm-linear; .fail() switches it to dm-error."""
-    made = []
-
-    class Dm:
-        def __init__(self, size):
-            self.name = f"qbdm{os.getpid()}_{len(made)}"
-            self.sectors = size // 512
-            self.file = make_sparse(os.path.join(scratch, f"{self.name}.img"),
-                                    size)
-            self.loop = run(["losetup", "-f", "--show", self.file]).stdout.strip()
-            run(["dmsetup", "create", self.name, "--table",
-                 f"0 {self.sectors} linear {self.loop} 0"])
-            self.path = f"/dev/mapper/{self.name}"
-            made.append(self)
-
-        def fail(self):
-            run(["dmsetup", "load", self.name, "--table",
-                 f"0 {self.sectors} error"])
-            run(["dmsetup", "resume", self.name])
-
-    yield Dm
-    for dm in made:
-        run(["dmsetup", "remove", "--retry", dm.name], check=False)
-        run(["losetup", "-d", dm.loop], check=False)
-
-
 def test_replica_on_dm_error_fails_under_load_device_serves_on(
         images, dm_replica, serve):
     size = 64 << 20
@@ -379,7 +350,7 @@ def test_replica_on_dm_error_fails_under_load_device_serves_on(
                 s.status()["counters"]["writes"] < 500:
             time.sleep(0.5)
         assert p.poll() is None, "fio finished before the replica failed"
-        dm.fail()
+        dm.error()
         assert p.poll() is None, "fio finished before the replica failed"
         out, _ = p.communicate(timeout=850)
     finally:

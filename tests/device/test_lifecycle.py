@@ -156,47 +156,10 @@ def test_replace_under_fio_keeps_every_byte(images, scratch, cli):
     assert status(again["id"])["resync"]["reason"] == "none"
 
 
-@pytest.fixture
-def flakey(scratch):
-    """flakey(size) -> a replica block device (dm over a loop device over a
-    file in /dev/shm) that .fail_writes() and .heal() on demand."""
-    made = []
-
-    class Dm:
-        def __init__(self, size):
-            self.name = f"qbfl{os.getpid()}_{len(made)}"
-            self.sectors = size // 512
-            self.file = make_sparse(os.path.join(scratch, f"{self.name}.img"), size)
-            self.loop = run(["losetup", "-f", "--show", self.file]).stdout.strip()
-            run(["dmsetup", "create", self.name, "--table", self._linear()])
-            self.path = f"/dev/mapper/{self.name}"
-            made.append(self)
-
-        def _linear(self):
-            return f"0 {self.sectors} linear {self.loop} 0"
-
-        def _swap(self, table):
-            run(["dmsetup", "load", self.name, "--table", table])
-            run(["dmsetup", "suspend", self.name])
-            run(["dmsetup", "resume", self.name])
-
-        def fail_writes(self):
-            # dm-flakey: up 0 s, then down (writes fail) for an hour
-            self._swap(f"0 {self.sectors} flakey {self.loop} 0 0 3600 1 error_writes")
-
-        def heal(self):
-            self._swap(self._linear())
-
-    yield Dm
-    for dm in made:
-        run(["dmsetup", "remove", "--retry", dm.name], check=False)
-        run(["losetup", "-d", dm.loop], check=False)
-
-
-def test_readd_after_a_transient_failure_copies_only_what_was_missed(flakey, cli):
+def test_readd_after_a_transient_failure_copies_only_what_was_missed(dm_replica, cli):
     # block devices all three (a device gives its tail to the metadata, an
     # image file grows by it: their data sizes would differ)
-    devs = [flakey(128 * MIB) for _ in range(3)]
+    devs = [dm_replica(128 * MIB) for _ in range(3)]
     dm = devs[2]
     paths = [d.path for d in devs]
     info = cli("-t", "2", "--timeout", "10", *paths)
