@@ -497,7 +497,8 @@ uint32_t qb_blocks_of(struct qb_quorum *q, uint64_t off, uint64_t len)
 {
 	uint64_t vb = q->opt.vote_block;
 
-	return (uint32_t)((off + len + vb - 1) / vb - off / vb);
+	return (uint32_t)(((off + len + vb - 1) >> q->vote_shift) -
+			  (off >> q->vote_shift));
 }
 
 /*
@@ -1006,15 +1007,19 @@ void qb_launch(struct qb_ctx *c, struct qb_slot *s, uint32_t op,
 	s->off = s->poff = op == QB_OP_FLUSH ? 0 : offset;
 	s->len = s->plen = op == QB_OP_FLUSH ? 0 : length;
 	s->src = src;
-	s->src_buf = -1;
-	if (op == QB_OP_WRITE)
-		for (int k = 0; k < QB_MAX_REPLICAS; k++)
-			if (s->buf[k] == src)
-				s->src_buf = (int8_t)k;
 	s->retries = 0;
 	s->out = NULL;
 	c->inflight++;
 	start_request(c, s);
+}
+
+/* Which of the slot's buffers p is, or -1. */
+static int8_t buf_index(const struct qb_slot *s, const void *p)
+{
+	for (int8_t k = 0; k < QB_MAX_REPLICAS; k++)
+		if (s->buf[k] == p)
+			return k;
+	return -1;
 }
 
 int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
@@ -1047,13 +1052,12 @@ int qb_ctx_submit(struct qb_ctx *c, uint32_t slot, uint32_t op,
 				      length, q->opt.max_io);
 	}
 	if (op == QB_OP_WRITE) {
-		bool own = false;
+		int8_t k = buf_index(&c->slots[slot], src);
 
-		for (int k = 0; k < QB_MAX_REPLICAS; k++)
-			own |= c->slots[slot].buf[k] == src;
-		if (!own)
+		if (k < 0)
 			return qb_err(EINVAL, QB_ERR_INVALID,
 				      "a write's data must be in one of its slot's buffers (qb_ctx_buf)");
+		c->slots[slot].src_buf = k;
 	}
 	count_request(c, op, length);
 	qb_launch(c, &c->slots[slot], op, flags, offset, length, src);

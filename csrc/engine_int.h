@@ -222,7 +222,7 @@ void qb_release_writers(struct qb_quorum *q, uint64_t b0, uint32_t n);
 
 static inline uint64_t qb_first_block(const struct qb_quorum *q, uint64_t off)
 {
-	return off / q->opt.vote_block;
+	return off >> q->vote_shift;
 }
 
 #endif

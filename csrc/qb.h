@@ -89,6 +89,7 @@ struct qb_quorum {
 	struct qb_options opt;
 	uint64_t size;
 	uint32_t align;			/* the largest of the replicas' */
+	uint32_t vote_shift;		/* log2 of opt.vote_block */
 	struct qb_replica rep[QB_MAX_REPLICAS];
 	uint32_t in_service;		/* mask, atomic */
 	uint32_t writable;		/* in service or resyncing, atomic */

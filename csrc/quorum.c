@@ -194,6 +194,7 @@ int qb_quorum_open(const char *const *paths, uint32_t n,
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	q->n = n;
 	q->opt = *o;
+	q->vote_shift = (uint32_t)__builtin_ctz(o->vote_block);
 	q->event_fd = -1;
 	for (uint32_t i = 0; i < QB_MAX_REPLICAS; i++)
 		q->rep[i].fd = q->rep[i].old_fd = -1;
