@@ -13,7 +13,7 @@ logs=tests/device/logs
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 echo "powerloss-$1: kernel $(uname -r), up $(cut -d' ' -f1 /proc/uptime) s"
-for mod in ublk_drv dm_delay; do
+for mod in ublk_drv dm_mod; do
 	modprobe "$mod" || echo "powerloss-$1: modprobe $mod failed"
 done
 case "$1" in

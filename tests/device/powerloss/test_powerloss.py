@@ -1,9 +1,11 @@
 """Power-loss test, boot 2 ("check"): the VM was reset during writes (boot 1,
-cut.py), with the third replica's last writes held back and lost;
-`quorumblk add` of the same replicas must resync exactly the regions the
-write-intent bitmap holds dirty (far less than the device) and repair the
-third replica's blocks there, e2fsck must find the file system clean, and
-the replicas' data areas must be byte-identical.
+cut.py), with the third replica's last writes held back and lost. First the
+premise, as the cut saw and reported it: writes were held for the third
+replica and it lacked blocks that the other two held. Then `quorumblk add`
+of the same replicas must resync exactly the regions the write-intent
+bitmap holds dirty (far less than the device) and repair every block the
+third replica lacked, e2fsck must find the file system clean, and the
+replicas' data areas must be byte-identical.
 
 Runs only in the second boot of scripts/test-device (in-vm.sh check).
 Elsewhere it is skipped with the reason (conftest.py; QB_POWERLOSS_SKIP
@@ -45,22 +47,46 @@ def cut_report():
     return load_report()
 
 
-def test_cut_reset_the_vm_during_writes(record_testsuite_property):
+def premise_failure(r):
+    """Why the cut's report does not let the check run, or None."""
+    p = r.get("premise") or {}
+    if p and not p.get("met"):
+        return ("the test's premise was not met, so the cut did not reset "
+                f"and this run proves nothing:\n{r.get('error')}\n"
+                f"evidence: {json.dumps(p)}")
+    if not r.get("ok"):
+        return f"the cut phase (boot 1) failed:\n{r.get('error')}"
+    return None
+
+
+def test_cut_reset_while_the_third_replica_held_writes(record_testsuite_property):
     r = cut_report()
-    assert r["ok"], f"the cut phase failed:\n{r.get('error')}"
-    assert r["writes_at_reset"] > r["writes_at_fio_start"] > r["writes_before_fio"]
-    record_testsuite_property("cut_writes_at_reset", r["writes_at_reset"])
-    record_testsuite_property("cut_dirty_regions_at_reset", r["dirty_regions_at_reset"])
-    print(f"\ncut: {r['writes_at_reset']} writes done on {r['device']}, "
-          f"{r['writes_in_flight_at_reset']} in flight, "
+    why = premise_failure(r)
+    assert why is None, why
+    p = r["premise"]
+    print(f"\ncut: {r['writes_at_hold']} writes done on {r['device']} when the "
+          f"third replica's I/O was held; premise: {json.dumps(p)}; "
           f"{r['dirty_regions_at_reset']} regions dirty at the reset; "
           f"seconds into the cut: {r['seconds']}")
+    for key in ("held_writes", "blocks_lacking_on_third", "seconds_hold_to_reset"):
+        record_testsuite_property(f"cut_{key}", p[key])
+    record_testsuite_property("cut_writes_since_hold_began", p["writes_since_hold_began"])
+    record_testsuite_property("cut_dirty_regions_at_reset", r["dirty_regions_at_reset"])
+    # the premise, restated: the cut resets only when all of it holds
+    assert r["writes_at_hold"] > r["writes_at_fio_start"] > r["writes_before_fio"]
+    assert p["met"] and p["settled"]
+    assert p["held_writes"] > 0, "no write was held for the third replica"
+    assert p["third_disk_writes_after_hold"] == 0, "the hold let writes through"
+    assert p["blocks_lacking_on_third"] > 0, \
+        "the third replica lacked no block that replicas 0 and 1 held"
+    assert p["seconds_hold_to_reset"] < p["replica_timeout_s"]
 
 
 def test_add_resyncs_only_the_dirty_regions(record_testsuite_property):
     t0 = time.monotonic()
     cut = cut_report()
-    assert cut["ok"], "the cut phase failed: see test_cut_reset_the_vm_during_writes"
+    assert premise_failure(cut) is None, \
+        "no valid cut: see test_cut_reset_while_the_third_replica_held_writes"
     paths = replica_paths()
     dirty, region, set_uuid = dirty_regions(paths)
     assert set_uuid == cut["set_uuid"], "these are not the replicas of the cut"
@@ -86,15 +112,20 @@ def test_add_resyncs_only_the_dirty_regions(record_testsuite_property):
         assert rs["bytes"] == expect
         assert 0 < rs["bytes"] <= size // 4, "the resync is not bounded to dirty regions"
         assert rs["unrecoverable_blocks"] == 0
-        # the third replica lost the writes dm-delay held at the reset
-        assert rs["differing_blocks"][2] > 0, "the resync found nothing to repair"
+        # the third replica lost the writes held for it at the reset: every
+        # block it lacked then (by the cut's own reading) loses the vote now
+        lacked = cut["premise"]["blocks_lacking_on_third"]
+        assert rs["differing_blocks"][2] >= lacked > 0, (
+            f"the third replica lacked {lacked} blocks at the cut; the resync "
+            f"repaired {rs['differing_blocks'][2]} of its blocks")
         assert rs["copied_blocks"] >= rs["differing_blocks"][2]
         m = WARNING.search(p.stderr)
         assert m, f"no resync warning from add: {p.stderr!r}"
         assert (int(m[1]), int(m[2]), int(m[4])) == (rs["bytes"], rs["regions"], size)
         print(f"resynced {rs['bytes']} of {size} bytes ({100 * rs['bytes'] / size:.2f}%), "
               f"{rs['regions']} regions; differing blocks per replica "
-              f"{rs['differing_blocks']}, copied {rs['copied_blocks']} "
+              f"{rs['differing_blocks']} (the third lacked {lacked} at the "
+              f"cut), copied {rs['copied_blocks']} "
               f"({time.monotonic() - t0:.0f} s)")
 
         # the journal replays on mount, as after any power loss; then the
