@@ -133,15 +133,22 @@ def test_replace_fills_the_new_replica_then_removes_the_old(imgs, tmp_path):
         meta.assemble([imgs[0], imgs[1], imgs[2]], 2)
 
 
-def test_a_new_replica_that_did_not_finish_is_resynced_whole_at_add(imgs, tmp_path):
-    q, _ = start(imgs)
+def interrupted_add_replica(paths, tmp_path, threshold=2):
+    """A new member joins a set of paths and gets half of the device; then
+    the daemon dies. Returns the new member's path."""
+    q, _ = start(paths, threshold=threshold)
     new = bare(tmp_path, "new.img")
     ref = q.header(0)
     members = [(bytes(ref.members[s].uuid), ref.members[s].state)
                for s in range(ref.nmembers)]
     r = q.attach(new, meta.new_member(ref, members, new))
-    q.sync(0, SIZE // 2, targets=[r], blind=True)      # then the daemon died
+    q.sync(0, SIZE // 2, targets=[r], blind=True)
     q.close()
+    return new
+
+
+def test_a_new_replica_that_did_not_finish_is_resynced_whole_at_add(imgs, tmp_path):
+    new = interrupted_add_replica(imgs, tmp_path)
     q, report = start(imgs + [new])
     assert report["whole"] and report["bytes"] == SIZE
     assert q.replica_states() == ["in-service"] * 4
@@ -255,14 +262,7 @@ def test_after_an_interrupted_replace_a_clean_tie_stays_no_quorum(imgs, tmp_path
     quorum: reported and left as it is, never "resolved" to the first
     replica's copy (which here is the rotten one)."""
     two = imgs[:2]
-    q, _ = start(two, threshold=2)
-    new = bare(tmp_path, "new.img")
-    ref = q.header(0)
-    members = [(bytes(ref.members[s].uuid), ref.members[s].state)
-               for s in range(ref.nmembers)]
-    r = q.attach(new, meta.new_member(ref, members, new))
-    q.sync(0, SIZE // 2, targets=[r], blind=True)      # then the daemon died
-    q.close()
+    new = interrupted_add_replica(two, tmp_path)
     flip(imgs[0], 9 * REGION + 5)                       # clean region, a rots
     b_before = data(imgs[1])
     q, report = start(two + [new], threshold=2)
