@@ -289,6 +289,11 @@ static uint32_t write_all(struct qb_quorum *q, uint32_t mask,
 			c.bad |= 1u << r;
 			continue;
 		}
+		/* room for two SQEs per replica is there (RING_ENTRIES) */
+		if (io_uring_sq_space_left(&b->ring) < 2) {
+			c.bad |= 1u << r;
+			continue;
+		}
 		sqe = io_uring_get_sqe(&b->ring);
 		if (qb_fault_head(sqe, &f, &ts[r])) {
 			if (f.kind == QB_FAULT_HANG) {	/* no I/O behind it */
@@ -368,6 +373,10 @@ static void fail_bad(struct qb_quorum *q, uint64_t round, uint32_t bad,
 	if (out && qb_writable(q))
 		b->headers = true;
 	unlock(b);
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (slow & (1u << r))
+			__atomic_add_fetch(&q->rep[r].meta_timeouts, 1,
+					   __ATOMIC_RELAXED);
 	for (uint32_t r = 0; out; r++, out >>= 1)
 		if (out & 1)
 			qb_event(q, QB_EV_REPLICA_FAILED, (int)r, io[r].off,

@@ -56,6 +56,7 @@ struct qb_replica {
 	int zero_mode;			/* how write-zeroes works here, atomic */
 	uint32_t owed;			/* abandoned I/Os not back yet, atomic */
 	uint64_t late;			/* abandoned I/Os that came back, atomic */
+	uint64_t meta_timeouts;		/* metadata writes past the timeout, atomic */
 	struct qb_fault fault;		/* under fault_lock */
 };
 

@@ -518,6 +518,8 @@ void qb_quorum_counters(struct qb_quorum *q, struct qb_counters *dev,
 	pthread_mutex_unlock(&q->lock);
 	for (uint32_t i = 0; i < n; i++) {
 		rep[i].late = __atomic_load_n(&q->rep[i].late, __ATOMIC_RELAXED);
+		rep[i].timeouts += __atomic_load_n(&q->rep[i].meta_timeouts,
+						   __ATOMIC_RELAXED);
 		rep[i].owed = __atomic_load_n(&q->rep[i].owed, __ATOMIC_RELAXED);
 		rep[i].state = (uint64_t)__atomic_load_n(&q->rep[i].state,
 							 __ATOMIC_ACQUIRE);

@@ -99,7 +99,8 @@ struct qb_counters {
 	uint64_t repairs;		/* blocks rewritten */
 	uint64_t quorum_failures;	/* device only */
 	uint64_t errors;		/* failed I/Os */
-	uint64_t timeouts;		/* I/Os past the replica timeout */
+	uint64_t timeouts;		/* I/Os past the replica timeout (a replica's:
+				   its metadata writes too) */
 	uint64_t late;			/* replica only: abandoned I/Os that came back */
 	uint64_t owed;			/* replica only: abandoned I/Os not back yet */
 	uint64_t state;			/* replica only: enum qb_replica_state */

@@ -34,6 +34,7 @@ from .runtime import CommandError
 
 REFUSED = 10                    # the replicas were refused (cli's exit codes)
 OWED_WAIT_S = 2.0               # readd waits this long for I/O still owed
+ANSWER_S = 2.0                  # and this long for the replica's header
 
 
 class LifecycleError(CommandError):
@@ -44,6 +45,29 @@ class LifecycleError(CommandError):
 class BusyError(CommandError):
     """another job runs on this device."""
     exit_code = 11
+
+
+def _answer_within(call, seconds, what):
+    """call() in a thread of its own, waited for `seconds`: storage that
+    hangs (a suspended device, a hard NFS mount) holds that thread, not the
+    caller. LifecycleError when it has not answered by then."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="quorumblk-probe", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise LifecycleError(f"{what}: no answer within {seconds:.0f} s (the "
+                             "storage hangs?): refused; try again once it answers")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 class Job:
@@ -204,7 +228,9 @@ class Lifecycle:
         self._check_idle()
         q = self.q
         ident = self._path_of(name)
-        m, _ = meta.read(ident)
+        # the replica that failed may still hang: the daemon must not
+        m, _ = _answer_within(lambda: meta.read(ident), ANSWER_S,
+                              f"{ident}: reading its header")
         if m is None:
             raise LifecycleError(f"{ident} has no quorumblk metadata: it is not a "
                                  "member of this set (add it with `quorumblk add-replica`)")

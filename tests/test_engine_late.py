@@ -8,6 +8,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 import textwrap
 import time
 
@@ -242,7 +243,6 @@ def test_readd_waits_for_owed_io_then_refuses_saying_why(tmp_path, monkeypatch):
         assert states(q)[2] == "failed"
         # released while readd waits: it goes on
         monkeypatch.setattr(lifecycle, "OWED_WAIT_S", 5.0)
-        import threading
         threading.Timer(0.5, q.release, args=(2,)).start()
         job = life.readd(paths[2])
         end = time.monotonic() + 20
@@ -251,5 +251,30 @@ def test_readd_waits_for_owed_io_then_refuses_saying_why(tmp_path, monkeypatch):
         assert job.state == "done", job.to_dict()
         assert states(q) == ["in-service"] * 3
         assert pread(paths[2], 0, BS) == b"L" * BS
+    finally:
+        q.close()
+
+
+def test_readd_of_a_replica_that_does_not_answer_refuses_within_seconds(
+        tmp_path, monkeypatch):
+    """readd reads the failed replica's header first; storage that hangs
+    must not hang the daemon that asks (its control loop): a bounded wait,
+    then a refusal that says so."""
+    from test_lifecycle import start
+    from quorumblk import lifecycle, meta
+
+    paths = zero_images(tmp_path)
+    q, _ = start(paths, timeout=TIMEOUT)
+    try:
+        q.set_state(2, "failed")
+        gate = threading.Event()
+        real = meta.read
+        monkeypatch.setattr(meta, "read", lambda p: (gate.wait(30), real(p))[1])
+        monkeypatch.setattr(lifecycle, "ANSWER_S", 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(lifecycle.LifecycleError, match="no answer within"):
+            lifecycle.Lifecycle(q).readd(paths[2])
+        assert time.monotonic() - t0 < 5
+        gate.set()
     finally:
         q.close()

@@ -10,6 +10,7 @@ Each device is served by a child process (tests/device/qbserver.py) driving
 quorumblk.device and quorumblk.core, as the daemon would. Replica images are
 sparse files in /dev/shm (tmpfs: O_DIRECT works, unlike the 9p share).
 """
+import itertools
 import json
 import os
 import shutil
@@ -257,7 +258,7 @@ def images(scratch):
 class DmReplica:
     """A replica block device for fault injection: device-mapper over a loop
     device over a sparse file in the test's scratch folder. Its table is
-    switched at will (linear, error, flakey, delay, dust), and it can be
+    switched at will (linear, error, flakey, delay, bad blocks), and it can be
     suspended with its I/O held, as a hung server holds it."""
 
     def __init__(self, scratch, name, size):
@@ -272,8 +273,9 @@ class DmReplica:
         return f"0 {self.sectors} linear {self.loop} 0"
 
     def swap(self, table):
-        """Load table and switch to it (in-flight I/O completes first)."""
-        run(["dmsetup", "load", self.name, "--table", table])
+        """Load table (lines) and switch to it (in-flight I/O completes
+        first)."""
+        run(["dmsetup", "load", self.name], input=table + "\n")
         run(["dmsetup", "suspend", self.name])
         run(["dmsetup", "resume", self.name])
 
@@ -292,12 +294,20 @@ class DmReplica:
         """dm-delay: every read and write held ms milliseconds."""
         self.swap(f"0 {self.sectors} delay {self.loop} 0 {ms}")
 
-    def dust(self, bad_blocks, block_size=4096):
-        """dm-dust: reads of these blocks fail (EIO) until they are written."""
-        self.swap(f"0 {self.sectors} dust {self.loop} 0 {block_size}")
-        for b in bad_blocks:
-            run(["dmsetup", "message", self.name, "0", "addbadblock", str(b)])
-        run(["dmsetup", "message", self.name, "0", "enable"])
+    def bad_blocks(self, blocks, block_size=4096):
+        """These blocks fail every I/O (EIO), the rest works: a table of
+        dm-linear pieces with dm-error ones between them (Debian's kernel
+        has no dm-dust)."""
+        per = block_size // 512
+        lines, at = [], 0
+        for b in sorted(blocks):
+            if b * per > at:
+                lines.append(f"{at} {b * per - at} linear {self.loop} {at}")
+            lines.append(f"{b * per} {per} error")
+            at = (b + 1) * per
+        if at < self.sectors:
+            lines.append(f"{at} {self.sectors - at} linear {self.loop} {at}")
+        self.swap("\n".join(lines))
 
     def suspend(self):
         """Hold every I/O (issued or new) until resume(): a hung server."""
@@ -312,13 +322,17 @@ class DmReplica:
         run(["losetup", "-d", self.loop], check=False)
 
 
+_dm_names = itertools.count()
+
+
 @pytest.fixture
 def dm_replica(scratch):
-    """dm_replica(size) -> a DmReplica, removed at teardown."""
+    """dm_replica(size) -> a DmReplica, removed at teardown. Names are never
+    reused in a run: one a failed test could not remove stays its own."""
     made = []
 
     def _make(size):
-        d = DmReplica(scratch, f"qbdm{os.getpid()}_{len(made)}", size)
+        d = DmReplica(scratch, f"qbdm{os.getpid()}_{next(_dm_names)}", size)
         made.append(d)
         return d
 
