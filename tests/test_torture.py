@@ -104,7 +104,8 @@ def test_the_program_prints_the_shortest_prefix_that_reproduces():
                         "--sabotage", "wrong-read@1", "--medium", "tmpfs", "--json"],
                        capture_output=True, text=True, timeout=500)
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "python tests/torture.py --seed 21 --medium tmpfs --steps 2\n" in p.stdout
+    assert ("python tests/torture.py --seed 21 --medium tmpfs --sabotage wrong-read@1 "
+            "--steps 2\n") in p.stdout
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert [f["category"] for f in summary["findings"]] == ["wrong-read"]
     assert summary["total"]["faults"]["sabotage-wrong-read"] >= 1

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from torturelib import report                           # noqa: E402
 from torturelib.campaign import Campaign                # noqa: E402
-from torturelib.schedule import SABOTAGE, Schedule, Setup  # noqa: E402
+from torturelib.schedule import DECK, SABOTAGE, Schedule, Setup  # noqa: E402
 
 
 def parse(argv):
@@ -65,6 +65,12 @@ def parse(argv):
     p.add_argument("--sabotage", metavar="KIND@STEP",
                    help="self-test: plant damage the model is not told of "
                         f"({', '.join(SABOTAGE)}) at that step")
+    p.add_argument("--skip", metavar="KINDS", default="",
+                   help="deal these action kinds (comma-separated) as quiet steps, "
+                        "to look past a known defect")
+    p.add_argument("--readd-limit", type=int, default=0, metavar="N",
+                   help="restart the worker cleanly before it has done N readds "
+                        "(to look past a defect that grows with readds)")
     p.add_argument("--keep", action="store_true", help="keep the images of every run")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -73,6 +79,10 @@ def parse(argv):
         if kind not in SABOTAGE or not step.isdigit():
             p.error(f"--sabotage KIND@STEP with KIND one of {', '.join(SABOTAGE)}")
         args.sabotage = (kind, int(step))
+    args.skip = tuple(k for k in args.skip.split(",") if k)
+    unknown = [k for k in args.skip if k not in DECK]
+    if unknown:
+        p.error(f"--skip {','.join(unknown)}: not an action kind ({', '.join(sorted(set(DECK)))})")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1 << 31)
     if args.minutes is None and args.steps is None:
@@ -91,9 +101,9 @@ def run_once(seed, args, steps=None, deadline=None, log=None, stop=True):
     workdir = tempfile.mkdtemp(prefix=f"qbtorture-{seed}-",
                                dir=image_dir(setup.medium, args.dir))
     t0 = time.monotonic()
-    campaign = Campaign(setup, Schedule(setup, args.sabotage), workdir, steps=steps,
-                        deadline=deadline, margin=args.margin, log=log,
-                        stop_on_violation=stop).run()
+    campaign = Campaign(setup, Schedule(setup, args.sabotage, args.skip), workdir,
+                        steps=steps, deadline=deadline, margin=args.margin, log=log,
+                        stop_on_violation=stop, readd_limit=args.readd_limit).run()
     rec = report.record(campaign, time.monotonic() - t0)
     if not campaign.violations and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -146,6 +156,12 @@ def findings_of(rec, args, say):
         base = f"python tests/torture.py --seed {rec['seed']}"
         if args.medium:
             base += f" --medium {args.medium}"
+        if args.skip:
+            base += f" --skip {','.join(args.skip)}"
+        if args.readd_limit:
+            base += f" --readd-limit {args.readd_limit}"
+        if args.sabotage:
+            base += f" --sabotage {args.sabotage[0]}@{args.sabotage[1]}"
         if args.no_bisect:
             cmd = f"{base} --steps {prefix_of(v, rec)}"
         else:

@@ -28,8 +28,9 @@ import os
 import time
 
 from .model import BLOCK, SECTORS_PER_BLOCK, Damage, Op, Tracker, Versions
-from .payload import GARBAGE, SECTOR, version_of
+from .payload import GARBAGE, SECTOR
 from .protocol import Channel
+from .audit import Audit
 from .replicas import ReplicaFiles
 from .thrasher import ForControl, ForOp, Kill, Sleep, Thrasher
 
@@ -70,6 +71,7 @@ class Stats:
         self.excused = 0
         self.steps = 0
         self.workers = 0
+        self.restarts = 0                       # clean ones (--readd-limit)
         self.crashes = collections.Counter()
         self.late = []
         self.bursts = []                        # fds and RSS around bursts
@@ -93,7 +95,7 @@ class Life:
 
 class Campaign:
     def __init__(self, setup, schedule, workdir, steps=None, deadline=None,
-                 margin=2.0, log=None, stop_on_violation=True):
+                 margin=2.0, log=None, stop_on_violation=True, readd_limit=0):
         self.setup = setup
         self.schedule = schedule
         self.dir = workdir
@@ -102,11 +104,13 @@ class Campaign:
         self.margin = margin
         self.log = log or (lambda text: None)
         self.stop_on_violation = stop_on_violation
+        self.readd_limit = readd_limit      # a fresh worker before that many readds
         self.files = ReplicaFiles(workdir, setup)
         self.versions = Versions(setup.size // SECTOR)
         self.tracker = Tracker(self.versions)
         self.damage = Damage([], setup.threshold)
         self.thrasher = Thrasher(self)
+        self.audit = Audit(self)
         self.stats = Stats()
         self.violations = []
         self.channel = None
@@ -114,6 +118,7 @@ class Campaign:
         self.view = {}              # path -> engine state, as last reported
         self.engine_paths = []
         self.joining = set()        # paths attached (or about to be)
+        self.leaving = set()        # paths a replace or remove in flight takes out
         self.ops = {}               # op id -> Op sent, not ended
         self.reads = {}             # op id -> read ended ok, data to come
         self.controls = {}          # cid -> (name, started)
@@ -185,11 +190,14 @@ class Campaign:
         s = self.setup
         return {"paths": paths, "threshold": s.threshold, "timeout": s.timeout,
                 "region_shift": s.region_shift, "read_policy": s.read_policy,
-                "max_io": s.max_io, "threads": s.threads}
+                "max_io": s.max_io, "threads": s.threads, "readd_limit": self.readd_limit}
 
     def start_worker(self):
         """Assemble the set in a new worker: the members, and replicas that
-        were joining (dropped when their assembly refuses them)."""
+        were joining. A crash may cut a replace or a remove short: then a
+        joining replica may never have got its metadata, and a leaving one
+        may be out of the set already; the assembly refuses them, and they
+        are dropped. Any other refusal ends the run."""
         candidates = self.members + sorted(self.joining - set(self.members))
         for _ in range(len(candidates) + 1):
             self.channel = Channel(self.worker_config(candidates),
@@ -201,9 +209,11 @@ class Campaign:
             error = (msg or {}).get("error", "the worker died while assembling")
             self.channel.kill()
             self.channel.close()
-            dropped = [p for p in candidates if p in error and p in self.joining]
+            dropped = [p for p in candidates if p in error and
+                       (p in self.joining or p in self.leaving)]
             if not dropped:
                 raise Abort(f"the replicas no longer assemble: {error}")
+            self.note(f"the assembly refused {dropped}: {error}")
             candidates = [p for p in candidates if p not in dropped]
             self.joining -= set(dropped)
         else:
@@ -211,12 +221,20 @@ class Campaign:
         self.stats.workers += 1
         self.late_faults = msg.get("late_faults", False)
         self.joining.clear()
+        self.leaving.clear()
         self.apply_view(msg, judge=False)
         self.damage.down = {p for p in self.members if self.view[p] != "in-service"}
         self.damage.meta_victim = None
         self.thrasher.faulted.clear()
         self.life = Life()
         self.stats.lives.append(self.life)
+
+    def restart(self, reason):
+        """A clean stop of the worker and a new one on the same replicas."""
+        self.note(f"a fresh worker ({reason})")
+        self.stats.restarts += 1
+        self.channel.stop()
+        self.start_worker()
 
     def wait_for(self, kinds, limit):
         end = time.monotonic() + limit
@@ -236,13 +254,10 @@ class Campaign:
         paths, states = msg["paths"], msg["states"]
         self.engine_paths = paths
         self.view = {p: st for p, st in zip(paths, states) if st != "removed"}
-        for p in [m for m in self.members if m not in self.view]:
-            self.members.remove(p)
-            self.damage.leave(p)
-        for p in paths:
-            if p in self.view and p not in self.members:
-                self.members.append(p)
-                self.damage.join(p)
+        self.members = [p for p in paths if p in self.view]
+        joined = [p for p in self.members if p not in self.damage.members]
+        self.damage.set_members(self.members + sorted(self.joining - set(self.view)))
+        self.damage.down |= set(joined)
         for p in self.members:
             if self.view[p] != "in-service":
                 if judge and p not in self.damage.down:
@@ -466,7 +481,8 @@ class Campaign:
         elif op.raced:
             self.stats.eio_raced += 1
         else:
-            self.violation("unexpected-eio", f"{where}: {msg['text']} (damage: down "
+            self.violation("unexpected-eio", f"{where}: {msg['text']} (members "
+                           f"{self.names(self.damage.members)}, down "
                            f"{sorted(self.names(self.damage.down))}, flips there "
                            f"{self.flips_in(op)})")
 
@@ -550,7 +566,7 @@ class Campaign:
         if self.script is not None:
             self.script.close()
         self.script = self.waiting = None
-        self.audit_files(after_crash=True)
+        self.audit.files(after_crash=True)
         self.start_worker()
         self.verify_all()
 
@@ -618,81 +634,13 @@ class Campaign:
             return
         self.life.sample(msg["result"])
         self.stats.events.update(msg["result"]["events"])
+        if self.readd_limit and msg["result"]["readds"] >= self.readd_limit - 4:
+            self.restart("--readd-limit")
+            return
         for p in list(self.damage.shaky):
             if p not in self.members or all(self.files.header_copies_valid(p)):
                 self.damage.shaky.discard(p)
-        self.audit_files()
-
-    # ----------------------------------------------------------------- audit
-    def audit_files(self, after_crash=False):
-        """Audit the image files. Members that can vote (not joined and
-        unfinished) must hold the same bytes wherever every bitmap is clean,
-        except for known flips; in-service copies that differ anywhere must
-        hold versions the model allows, except for known flips. One
-        violation per kind and audit, naming the blocks."""
-        members = []
-        for p in self.members:
-            flags = self.files.member_flags(p)
-            if flags is not None and flags[0] != "removed" and not flags[1]:
-                members.append(p)
-        if not members:
-            return
-        data = {p: self.files.data(p) for p in members}
-        dirty = self.files.dirty_regions(members)
-        in_service = [] if after_crash else [p for p in members
-                                             if self.view.get(p) == "in-service"]
-        found = collections.defaultdict(list)     # category -> [(block, text)]
-        for region in range(self.files.nregions):
-            lo = region << self.setup.region_shift
-            hi = min(lo + (1 << self.setup.region_shift), self.setup.size)
-            if len({data[p][lo:hi] for p in members}) == 1:
-                continue
-            for block in self.files.region_blocks(region, BLOCK):
-                for category, text in self.audit_block(block, data, members, in_service,
-                                                       region not in dirty):
-                    found[category].append((block, text))
-        when = "after the crash, before the next assembly" if after_crash else "at rest"
-        for category, items in found.items():
-            blocks = sorted({b for b, _ in items})
-            self.violation(category, f"{len(blocks)} blocks ({self.block_ranges(blocks)}) "
-                           f"{when}: e.g. {items[0][1]}")
-
-    def audit_block(self, block, data, members, in_service, clean):
-        lo, hi = block * BLOCK, (block + 1) * BLOCK
-        copies = {p: data[p][lo:hi] for p in members}
-        if len(set(copies.values())) == 1:
-            return
-        if clean:
-            common = collections.Counter(copies.values()).most_common(1)[0][0]
-            odd = [p for p, c in copies.items() if c != common
-                   and not self.damage.has_flip(p, block)]
-            if odd:
-                yield "divergence", (f"block {block} differs on {self.names(odd)} where "
-                                     "every bitmap is clean (an assembly would not "
-                                     "resync it)")
-        for p in in_service:
-            if self.damage.has_flip(p, block):
-                continue
-            for i in range(SECTORS_PER_BLOCK):
-                s = block * SECTORS_PER_BLOCK + i
-                v = version_of(copies[p][i * SECTOR:(i + 1) * SECTOR], s)
-                if v not in self.versions.allowed(s):
-                    yield ("stray-data" if v == GARBAGE else "stale-replica",
-                           f"{os.path.basename(p)} (in service) holds "
-                           f"{'garbage' if v == GARBAGE else f'version {v}'} at sector {s}, "
-                           f"allowed {sorted(self.versions.allowed(s))}")
-                    break
-
-    @staticmethod
-    def block_ranges(blocks):
-        runs = []
-        for b in blocks:
-            if runs and runs[-1][1] == b - 1:
-                runs[-1][1] = b
-            else:
-                runs.append([b, b])
-        text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:8])
-        return text + (", ..." if len(runs) > 8 else "")
+        self.audit.files()
 
     # ----------------------------------------------------------------- final
     def final_check(self):
@@ -711,22 +659,7 @@ class Campaign:
             self.violation("final-state", "members not in service after healing: " +
                            ", ".join(f"{os.path.basename(p)} {self.view.get(p)}"
                                      for p in self.members))
-        data = {p: self.files.data(p) for p in in_service}
-        same = len(set(data.values())) == 1
-        self.stats.final.update(in_service=len(in_service), identical=same)
-        if not same:
-            self.violation("final-divergence", "in-service replicas differ after the "
-                           "final scrub: " + self.first_difference(data))
-            return
-        ref = data[in_service[0]]
-        for s in range(self.setup.size // SECTOR):
-            v = version_of(ref[s * SECTOR:(s + 1) * SECTOR], s)
-            if v not in self.versions.allowed(s):
-                self.violation("wrong-read" if v == GARBAGE else "lost-write",
-                               f"after the final scrub sector {s} holds "
-                               f"{'garbage' if v == GARBAGE else f'version {v}'}, allowed "
-                               f"{sorted(self.versions.allowed(s))}")
-                break
+        self.audit.final(in_service)
 
     @staticmethod
     def one(wait):
@@ -739,14 +672,3 @@ class Campaign:
             self.violation("scrub-failed", f"the final scrub: {msg.get('error')}")
         else:
             self.damage.scrubbed(since, self.now())
-
-    def first_difference(self, data):
-        paths = list(data)
-        ref = data[paths[0]]
-        for p in paths[1:]:
-            if data[p] != ref:
-                for b in range(self.setup.size // BLOCK):
-                    if data[p][b * BLOCK:(b + 1) * BLOCK] != ref[b * BLOCK:(b + 1) * BLOCK]:
-                        return (f"{os.path.basename(p)} vs {os.path.basename(paths[0])} "
-                                f"at block {b}")
-        return "?"

@@ -180,6 +180,14 @@ class Damage:
             self.members.append(path)
         self.down.add(path)
 
+    def set_members(self, paths):
+        """The members are exactly paths from now on."""
+        for p in [m for m in self.members if m not in paths]:
+            self.leave(p)
+        for p in paths:
+            if p not in self.members:
+                self.members.append(p)
+
     def leave(self, path):
         if path in self.members:
             self.members.remove(path)

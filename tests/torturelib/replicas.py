@@ -81,6 +81,9 @@ class ReplicaFiles:
     def data(self, path):
         return self._pread(path, 0, self.size)
 
+    def read(self, path, offset, length):
+        return self._pread(path, offset, length)
+
     def bitmap(self, path):
         return self._pread(path, self.bitmap_offset, self.bitmap_used)
 

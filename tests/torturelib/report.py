@@ -11,7 +11,7 @@ def record(campaign, seconds):
     c, s = campaign, campaign.stats
     return {
         "seed": c.setup.seed, "setup": c.setup.describe(), "steps": s.steps,
-        "seconds": round(seconds, 1), "workers": s.workers,
+        "seconds": round(seconds, 1), "workers": s.workers, "restarts": s.restarts,
         "late_faults": c.late_faults,
         "ops": dict(s.ops), "sectors_read": s.sectors_read,
         "faults": dict(s.faults), "crashes": dict(s.crashes),
@@ -79,7 +79,8 @@ def figures(records, findings):
         status = "ok" if not r["violations"] else f"{len(r['violations'])} violation(s)"
         lines.append(f"seed {r['seed']}: {r['setup']}")
         lines.append(f"    {r['steps']} steps in {r['seconds']} s, {r['workers']} workers "
-                     f"(late faults: {'yes' if r['late_faults'] else 'no'}): {status}")
+                     f"({r['restarts']} clean restarts; late faults: "
+                     f"{'yes' if r['late_faults'] else 'no'}): {status}")
         lines.append(f"    resources: {resources(r)}")
         final = r["final"]
         if final:

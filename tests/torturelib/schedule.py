@@ -110,11 +110,13 @@ class Step:
 
 
 class Schedule:
-    def __init__(self, setup, sabotage=None):
+    def __init__(self, setup, sabotage=None, skip=()):
         """sabotage: (kind, step) replaces that step's action by a planted
-        fault the model is not told of (the campaign's self-test)."""
+        fault the model is not told of (the campaign's self-test). skip:
+        action kinds dealt as "quiet" (to look past a known defect)."""
         self.setup = setup
         self.sabotage = sabotage
+        self.skip = frozenset(skip)
 
     def steps(self, start=0):
         i = start
@@ -127,6 +129,8 @@ class Schedule:
         batch = make_batch(rng, self.setup)
         kind = self.action_kind(i)
         action = make_action(rng, kind, self.setup)
+        if kind in self.skip:
+            action = Action("quiet", action.fire)
         if self.sabotage and self.sabotage[1] == i:
             action = Action("sabotage", 0.5, {"what": self.sabotage[0],
                                               "pick": rng.getrandbits(32)})
@@ -203,4 +207,5 @@ def make_action(rng, kind, setup):
     elif kind == "no-quorum":
         p["block"] = rng.getrandbits(32)
         p["where"] = rng.getrandbits(32)
+        p["readd"] = rng.random() < 0.5
     return Action(kind, round(rng.uniform(0.0, 0.8), 3), p)

@@ -8,6 +8,7 @@ anything it asks Damage whether the vote can take it (at most
 N - threshold damaged replicas per block); when not, it brings the
 replicas that are down back first, and skips only if that is not enough.
 """
+from .audit import describe
 from .model import BLOCK, SECTOR, SECTORS_PER_BLOCK
 from .replicas import HEADER
 
@@ -220,6 +221,11 @@ class Thrasher:
         self.c.joining.add(new)
         return new
 
+    def joined(self, new, msg):
+        """The command that was to attach new ended: it is a member or not."""
+        self.c.joining.discard(new)
+        self.c.apply_view(msg)
+
     def do_replace(self, p):
         if self.c.engine_slots_left() < 1:
             self.skip("replace", "the engine's 16 replica indexes are used")
@@ -227,8 +233,10 @@ class Thrasher:
         down = sorted(self.d.down & set(self.c.members))
         old = pick(down, p["pick"]) if down and p["pick"] % 2 else pick(self.c.members, p["pick"])
         new = self.join()
+        self.c.leaving.add(old)
         msg = yield self.c.control("replace", old=old, new=new)
-        self.c.joining.discard(new)
+        self.c.leaving.discard(old)
+        self.joined(new, msg)
         self.count_change("replace", msg)
 
     def do_add_replica(self, p):
@@ -240,7 +248,7 @@ class Thrasher:
             return
         new = self.join()
         msg = yield self.c.control("add-replica", path=new)
-        self.c.joining.discard(new)
+        self.joined(new, msg)
         self.count_change("add-replica", msg)
 
     def do_remove_replica(self, p):
@@ -253,7 +261,9 @@ class Thrasher:
         if path is None:
             self.skip("remove-replica", "the damage does not allow it")
             return
+        self.c.leaving.add(path)
         msg = yield self.c.control("remove-replica", replica=path)
+        self.c.leaving.discard(path)
         self.count_change("remove-replica", msg)
 
     def count_change(self, kind, msg):
@@ -278,7 +288,9 @@ class Thrasher:
         if during == "scrub":
             self.c.control("scrub")
         elif during == "replace":
-            self.c.control("replace", old=pick(self.c.members, p["pick"]), new=self.join())
+            old = pick(self.c.members, p["pick"])
+            self.c.leaving.add(old)
+            self.c.control("replace", old=old, new=self.join())
         elif during == "add-replica":
             self.c.control("add-replica", path=self.join())
         yield Sleep(p["after"])
@@ -287,8 +299,21 @@ class Thrasher:
     def do_no_quorum(self, p):
         """Deliberately beyond the budget: one block flipped on so many
         replicas that fewer than threshold good copies are left. Its reads
-        must fail with EIO (never return a copy); then a write heals it."""
+        must fail with EIO (never return a copy); then a write heals it.
+        Variant "readd": a replica misses a write to that block while it is
+        out, and is readded while the block has no quorum: its resync
+        cannot settle the block, so it must not come back in service with
+        the old copy (it would vote for the old data from then on)."""
         block = self.block(p["block"])
+        missed = None
+        if p.get("readd"):
+            missed = self.victim(p["pick"] >> 7)
+            if missed is None:
+                self.skip("no-quorum readd", "no replica may go down")
+                return
+            self.arm(missed, "fail")
+            yield self.c.control("fail", replica=missed)
+            yield self.c.probe("write", block * BLOCK, BLOCK)     # missed misses it
         healthy = self.healthy()
         k = len(healthy) - self.c.setup.threshold + 1
         if not 0 < k <= len(healthy):
@@ -304,7 +329,28 @@ class Thrasher:
         self.c.stats.faults["no-quorum"] += 1
         msg = yield self.c.probe("read", block * BLOCK, BLOCK)
         self.c.stats.notes["no-quorum read " + ("failed (EIO)" if not msg["ok"] else "answered")] += 1
+        if missed is not None:
+            msg = yield self.c.control("readd", replica=missed)
+            self.c.stats.faults["no-quorum readd"] += 1
+            self.check_resynced(missed, block, msg)
+            self.came_back(missed, msg)
         yield self.c.probe("write", block * BLOCK, BLOCK)
+
+    def check_resynced(self, path, block, msg):
+        """A replica back in service holds what the model allows at block
+        (or is known to be damaged there)."""
+        if self.c.view.get(path) != "in-service" or self.d.has_flip(path, block):
+            self.c.stats.notes["no-quorum readd: kept out" if not msg["ok"] else
+                               "no-quorum readd: not in service"] += 1
+            return
+        bad = self.c.audit.stale_sectors(path, block)
+        if bad:
+            s, v = bad[0]
+            self.c.violation("stale-replica", f"readd put {self.c.names([path])[0]} back in "
+                             f"service while block {block} had no quorum: it holds "
+                             f"{describe(v)} at sector {s}, allowed "
+                             f"{sorted(self.c.versions.allowed(s))} (the resync could not "
+                             "settle the block; the replica now votes for old data)")
 
     # -- the campaign's self-test: damage the model is not told of --
     def do_sabotage(self, p):

@@ -31,6 +31,10 @@ JOB_LIMIT = 60.0                           # seconds a lifecycle job may take
 LOCKED = ("write", "write-fua", "discard", "write-zeroes")
 
 
+class ReaddLimit(Exception):
+    """The worker did as many readds as it was allowed."""
+
+
 class Out:
     """The report pipe: the process's original stdout, one writer at a time.
     Anything else printed goes to stderr (the worker's log)."""
@@ -65,15 +69,31 @@ class RangeLocks:
 
 
 class Lane:
-    def __init__(self, name, threads, run):
-        self.queue = queue.Queue()
-        for k in range(threads):
-            threading.Thread(target=self._loop, args=(run,), daemon=True,
-                             name=f"{name}-{k}").start()
+    """Threads running ops from one queue. poke() makes each of them call
+    the engine once more even when idle: the new engine reaps a late
+    completion in the thread that issued the I/O, at its next call."""
 
-    def _loop(self, run):
+    def __init__(self, name, threads, run, nudge):
+        self.queue = queue.Queue()
+        self.pokes = [threading.Event() for _ in range(threads)]
+        for k in range(threads):
+            threading.Thread(target=self._loop, args=(run, nudge, self.pokes[k]),
+                             daemon=True, name=f"{name}-{k}").start()
+
+    def _loop(self, run, nudge, poked):
         while True:
-            run(self.queue.get())
+            try:
+                op = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if poked.is_set():
+                    poked.clear()
+                    nudge()
+                continue
+            run(op)
+
+    def poke(self):
+        for p in self.pokes:
+            p.set()
 
 
 def error_kind(e):
@@ -109,7 +129,10 @@ class Worker:
         self.locks = RangeLocks()
         self.q = None
         self.life = None
+        self.lanes = []
         self.cycles = 0                 # fail + readd cycles done
+        self.readds = 0                 # readds asked of the engine
+        self.readd_limit = config.get("readd_limit") or 0
         self.events = {}
 
     # -- the replica set --
@@ -221,6 +244,13 @@ class Worker:
             time.sleep(0.01)
         return True
 
+    def readd(self, path):
+        if self.readd_limit and self.readds >= self.readd_limit:
+            raise ReaddLimit(f"this worker did its {self.readd_limit} readds "
+                             "(--readd-limit): the campaign restarts it")
+        self.readds += 1
+        return self.wait_job(self.life.readd(path))
+
     def bring_back(self, path):
         """Readd path until it is in service; the new engine refuses while
         the replica still owes abandoned I/O (EBUSY): then wait."""
@@ -229,11 +259,13 @@ class Worker:
             if self.state(path) == "in-service":
                 return {"back": True, "refused_busy": refused}
             try:
-                self.wait_job(self.life.readd(path))
+                self.readd(path)
             except QuorumError as e:
                 if e.errno != errno.EBUSY:
                     raise
                 refused += 1
+                for lane in self.lanes:
+                    lane.poke()
                 time.sleep(0.25)
         return {"back": self.state(path) == "in-service", "refused_busy": refused}
 
@@ -248,7 +280,7 @@ class Worker:
         keys = ("timeouts", "errors", "late", "owed", "bad_blocks", "repairs")
         return {"replicas": [{k: r.get(k) for k in keys} for r in st["replicas"]],
                 "events": counts, "failures": failures[-20:], "fds": open_fds(),
-                "rss": rss_bytes(), "cycles": self.cycles}
+                "rss": rss_bytes(), "cycles": self.cycles, "readds": self.readds}
 
     def cmd_inject(self, replica, kind, ops, offset, length, count, delay=0.0):
         self.q.inject(self.index(replica), kind, ops=tuple(ops), offset=offset,
@@ -262,7 +294,7 @@ class Worker:
     def cmd_readd(self, replica):
         if self.state(replica) == "in-service":
             return {"skipped": "in service"}
-        return self.wait_job(self.life.readd(replica))
+        return self.readd(replica)
 
     def cmd_heal(self, replica):
         """Clear the replica's fault, let what it still had out be
@@ -278,8 +310,10 @@ class Worker:
         before = {"fds": open_fds(), "rss": rss_bytes()}
         done = 0
         for _ in range(count):
+            if self.readd_limit and self.readds >= self.readd_limit - 1:
+                break
             self.q.set_state(self.index(replica), "failed")
-            self.wait_job(self.life.readd(replica))
+            self.readd(replica)
             done += 1
             self.cycles += 1
         time.sleep(0.05)                # the last job thread's context goes
@@ -307,7 +341,7 @@ class Worker:
         out = {"failed": failed or self.state(replica) != "in-service"}
         if LATE_FAULTS and out["failed"]:
             try:
-                self.wait_job(self.life.readd(replica))
+                self.readd(replica)
                 out["readd_while_owed"] = "accepted"
             except QuorumError as e:
                 out["readd_while_owed"] = errno.errorcode.get(e.errno, str(e.errno))
@@ -343,10 +377,20 @@ class Worker:
         os._exit(0)
 
     # -- the loop --
+    def nudge(self):
+        """A read nobody asked for (its data is not reported): the calling
+        thread's engine context looks at its ring again."""
+        try:
+            self.q.read(0, 512)
+        except QuorumError:
+            pass
+
     def serve(self):
-        lanes = {"load": Lane("load", self.cfg["threads"], self.guarded(self.run_op)),
-                 "probe": Lane("probe", 1, self.guarded(self.run_op))}
-        control = Lane("control", 1, self.guarded(self.run_control))
+        lanes = {"load": Lane("load", self.cfg["threads"], self.guarded(self.run_op),
+                              self.nudge),
+                 "probe": Lane("probe", 1, self.guarded(self.run_op), self.nudge)}
+        self.lanes = list(lanes.values())
+        control = Lane("control", 1, self.guarded(self.run_control), lambda: None)
         for line in sys.stdin:
             msg = json.loads(line)
             if msg["cmd"] == "ops":
