@@ -57,10 +57,12 @@ def campaigns():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_short_campaign_holds_every_invariant(seed, campaigns):
     c = campaigns(seed)
-    assert not c.violations, "\n".join(
-        f"{v}\n    replay: python tests/torture.py --seed {seed} --steps "
-        f"{STEPS if v.step == 'final' else v.step + 1}   (images: {c.dir})"
-        for v in c.violations)
+    first = {}
+    for v in c.violations:
+        first.setdefault(v.category, (v, sum(w.category == v.category for w in c.violations)))
+    assert not c.violations, f"images and logs: {c.dir}\n" + "\n".join(
+        f"{v} ({n} in all)\n    replay: python tests/torture.py --seed {seed} --steps "
+        f"{STEPS if v.step == 'final' else v.step + 1}" for v, n in first.values())
     assert c.stats.steps == STEPS
     assert c.stats.final["identical"] and c.stats.final["in_service"] >= c.setup.threshold
 

@@ -50,6 +50,9 @@ def parse(argv):
     how.add_argument("--minutes", type=float,
                      help="run seeds S, S+1, ... for this long (default 1)")
     how.add_argument("--steps", type=int, help="run exactly the first M steps of seed S")
+    p.add_argument("--seed-steps", type=int, default=250, metavar="M",
+                   help="with --minutes: at most M steps per seed, then the next seed "
+                        "(default 250), so that a long run covers many setups")
     p.add_argument("--json", action="store_true", help="print a JSON summary last")
     p.add_argument("--medium", choices=("tmpfs", "disk"),
                    help="where the replica images live (default: per seed)")
@@ -71,6 +74,9 @@ def parse(argv):
     p.add_argument("--readd-limit", type=int, default=0, metavar="N",
                    help="restart the worker cleanly before it has done N readds "
                         "(to look past a defect that grows with readds)")
+    p.add_argument("--ignore", metavar="CATEGORIES", default="",
+                   help="count violations of these categories (comma-separated, e.g. "
+                        "fd-leak) without stopping or failing: known defects")
     p.add_argument("--keep", action="store_true", help="keep the images of every run")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = p.parse_args(argv)
@@ -83,6 +89,7 @@ def parse(argv):
     unknown = [k for k in args.skip if k not in DECK]
     if unknown:
         p.error(f"--skip {','.join(unknown)}: not an action kind ({', '.join(sorted(set(DECK)))})")
+    args.ignore = tuple(k for k in args.ignore.split(",") if k)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1 << 31)
     if args.minutes is None and args.steps is None:
@@ -103,7 +110,8 @@ def run_once(seed, args, steps=None, deadline=None, log=None, stop=True):
     t0 = time.monotonic()
     campaign = Campaign(setup, Schedule(setup, args.sabotage, args.skip), workdir,
                         steps=steps, deadline=deadline, margin=args.margin, log=log,
-                        stop_on_violation=stop, readd_limit=args.readd_limit).run()
+                        stop_on_violation=stop, readd_limit=args.readd_limit,
+                        ignore=args.ignore).run()
     rec = report.record(campaign, time.monotonic() - t0)
     if not campaign.violations and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -160,6 +168,8 @@ def findings_of(rec, args, say):
             base += f" --skip {','.join(args.skip)}"
         if args.readd_limit:
             base += f" --readd-limit {args.readd_limit}"
+        if args.ignore:
+            base += f" --ignore {','.join(args.ignore)}"
         if args.sabotage:
             base += f" --sabotage {args.sabotage[0]}@{args.sabotage[1]}"
         if args.no_bisect:
@@ -187,8 +197,8 @@ def main(argv=None):
         seed = args.seed
         while time.monotonic() < deadline:
             say(f"seed {seed}: {Setup.from_seed(seed, args.medium).describe()}")
-            records.append(run_once(seed, args, deadline=deadline, log=say,
-                                    stop=not args.go_on))
+            records.append(run_once(seed, args, steps=args.seed_steps, deadline=deadline,
+                                    log=say, stop=not args.go_on))
             say(f"seed {seed}: {records[-1]['steps']} steps, "
                 f"{len(records[-1]['violations'])} violations")
             seed += 1

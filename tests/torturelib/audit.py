@@ -21,6 +21,7 @@ from .payload import GARBAGE, SECTOR, version_of
 class Audit:
     def __init__(self, campaign):
         self.c = campaign
+        self.reported = set()       # (category, block): each finding once
 
     def voters(self):
         """Members whose own header says they vote (not removed, not a
@@ -58,7 +59,11 @@ class Audit:
                     found[category].append((block, text))
         when = "after the crash, before the next assembly" if after_crash else "at rest"
         for category, items in found.items():
+            items = [(b, t) for b, t in items if (category, b) not in self.reported]
+            if not items:
+                continue
             blocks = sorted({b for b, _ in items})
+            self.reported |= {(category, b) for b in blocks}
             c.violation(category, f"{len(blocks)} blocks ({block_ranges(blocks)}) "
                         f"{when}: e.g. {items[0][1]}")
 

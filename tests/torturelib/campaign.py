@@ -30,7 +30,7 @@ import time
 from .model import BLOCK, SECTORS_PER_BLOCK, Damage, Op, Tracker, Versions
 from .payload import GARBAGE, SECTOR
 from .protocol import Channel
-from .audit import Audit
+from .audit import Audit, describe
 from .replicas import ReplicaFiles
 from .thrasher import ForControl, ForOp, Kill, Sleep, Thrasher
 
@@ -95,7 +95,8 @@ class Life:
 
 class Campaign:
     def __init__(self, setup, schedule, workdir, steps=None, deadline=None,
-                 margin=2.0, log=None, stop_on_violation=True, readd_limit=0):
+                 margin=2.0, log=None, stop_on_violation=True, readd_limit=0,
+                 ignore=()):
         self.setup = setup
         self.schedule = schedule
         self.dir = workdir
@@ -105,6 +106,7 @@ class Campaign:
         self.log = log or (lambda text: None)
         self.stop_on_violation = stop_on_violation
         self.readd_limit = readd_limit      # a fresh worker before that many readds
+        self.ignore = frozenset(ignore)     # categories only counted (known defects)
         self.files = ReplicaFiles(workdir, setup)
         self.versions = Versions(setup.size // SECTOR)
         self.tracker = Tracker(self.versions)
@@ -148,7 +150,7 @@ class Campaign:
             for step in self.schedule.steps():
                 if self.steps is not None and step.index >= self.steps:
                     break
-                if self.steps is None and time.monotonic() >= self.deadline:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
                     break
                 self.step_index = step.index
                 self.run_step(step)
@@ -170,6 +172,10 @@ class Campaign:
         return self.stop_on_violation and bool(self.violations)
 
     def violation(self, category, detail):
+        if category in self.ignore:
+            self.stats.notes[f"ignored {category}"] += 1
+            self.note(f"ignored {category}: {detail}")
+            return
         v = Violation(category, self.step_index, detail)
         self.violations.append(v)
         self.log(f"VIOLATION {v}")
@@ -499,10 +505,11 @@ class Campaign:
         garbage = [b for b in bad if b[1] == GARBAGE]
         category = "wrong-read" if garbage else "lost-write"
         s, v = (garbage or bad)[0]
+        allowed = (self.tracker.allowed(op, s) if op.first <= s < op.first + op.count
+                   else "nothing: the result has the wrong length")
         self.violation(category, f"{what} at {op.offset} length {op.length}: {len(bad)} "
-                       f"sectors not allowed, e.g. sector {s} holds "
-                       f"{'garbage' if v == GARBAGE else f'version {v}'}, allowed "
-                       f"{sorted(self.versions.allowed(s))}")
+                       f"sectors not allowed, e.g. sector {s} holds {describe(v)}, "
+                       f"allowed {sorted(allowed) if isinstance(allowed, set) else allowed}")
 
     def control_ended(self, msg):
         name, _ = self.controls.pop(msg["cid"], ("?", 0))
@@ -539,6 +546,7 @@ class Campaign:
     def crash(self, reason):
         """kill -9 of the worker, then what a restart after a power cut does."""
         self.log(f"step {self.step_index}: kill -9 ({reason})")
+        self.note(f"kill -9 ({reason})")
         if self.script is not None:
             self.script.close()
         self.script = self.waiting = None
@@ -638,9 +646,20 @@ class Campaign:
             self.restart("--readd-limit")
             return
         for p in list(self.damage.shaky):
-            if p not in self.members or all(self.files.header_copies_valid(p)):
+            if p not in self.members or self.metadata_whole(p):
                 self.damage.shaky.discard(p)
         self.audit.files()
+
+    def metadata_whole(self, path):
+        """path's header copies both check out and its bitmap holds every
+        bit another voting member holds: its metadata damage is gone."""
+        if not all(self.files.header_copies_valid(path)):
+            return False
+        mine = self.files.bitmap(path)
+        for p in self.audit.voters():
+            if p != path and any(o & ~m for o, m in zip(self.files.bitmap(p), mine)):
+                return False
+        return True
 
     # ----------------------------------------------------------------- final
     def final_check(self):

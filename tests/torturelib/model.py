@@ -136,6 +136,11 @@ class Tracker:
     def end(self, op_id):
         return self.running.pop(op_id, None)
 
+    def allowed(self, op, sector):
+        """What read op may return at sector."""
+        out = {op.snapshot.acked[sector - op.first]} | op.snapshot.maybe.get(sector, set())
+        return out | {w.version for w in op.overlaps if w.covers(sector)}
+
     def mismatches(self, op, runs):
         """[(sector, version read)] a read returned that it may not have."""
         bad = []
@@ -158,7 +163,7 @@ class Damage:
         self.members = list(members)    # paths, not removed
         self.threshold = threshold
         self.down = set()               # paths out of service or faulted
-        self.shaky = set()              # paths with a damaged header copy
+        self.shaky = set()              # paths whose metadata may be damaged
         self.flips = {}                 # block -> {path: {sector: time}}
         self.back_at = {}               # path -> when it last stopped being down
         self.forgotten = []             # (when, block, path): flips forgotten

@@ -14,7 +14,8 @@ def record(campaign, seconds):
         "seconds": round(seconds, 1), "workers": s.workers, "restarts": s.restarts,
         "late_faults": c.late_faults,
         "ops": dict(s.ops), "sectors_read": s.sectors_read,
-        "faults": dict(s.faults), "crashes": dict(s.crashes),
+        "faults": dict(s.faults, **({"kill -9": sum(s.crashes.values())} if s.crashes else {})),
+        "crashes": dict(s.crashes),
         "eio_expected": s.eio_expected, "eio_raced": s.eio_raced,
         "excused_blocks": s.excused, "events": dict(s.events),
         "skipped": dict(s.skipped), "refused": dict(s.refused), "notes": dict(s.notes),
@@ -47,17 +48,27 @@ def counts(counter):
 
 
 def resources(r):
-    parts = []
-    for life in r["lives"]:
-        a, b = life["first"], life["last"]
-        parts.append(f"{a['fds']}->{b['fds']} fds, {a['rss'] >> 20}->{b['rss'] >> 20} MiB "
-                     f"over {b['cycles']} cycles")
-    worst = max(r["bursts"], key=lambda b: b["done"], default=None)
-    if worst:
-        parts.append(f"largest burst {worst['done']} cycles: fds {worst['before']['fds']}->"
-                     f"{worst['after']['fds']}, RSS {worst['before']['rss'] >> 20}->"
-                     f"{worst['after']['rss'] >> 20} MiB")
-    return "; ".join(parts) or "no samples"
+    """fds and RSS of the worker: per life (first and last status), and
+    around each fail/readd burst, the largest growth of each."""
+    lives = [life for life in r["lives"] if life["last"]]
+    if not lives:
+        return "no samples"
+
+    def grew(a, b):
+        return b["fds"] - a["fds"], (b["rss"] - a["rss"]) >> 20
+
+    fds, rss = zip(*(grew(life["first"], life["last"]) for life in lives))
+    most = max(lives, key=lambda life: life["last"]["cycles"])
+    text = (f"{len(lives)} worker lives: fds grew at most {max(fds):+d}, RSS at most "
+            f"{max(rss):+d} MiB; the life with the most cycles "
+            f"({most['last']['cycles']}): fds {most['first']['fds']}->{most['last']['fds']}, "
+            f"RSS {most['first']['rss'] >> 20}->{most['last']['rss'] >> 20} MiB")
+    if r["bursts"]:
+        worst = max(r["bursts"], key=lambda b: b["after"]["fds"] - b["before"]["fds"])
+        text += (f"; bursts: {len(r['bursts'])}, the worst {worst['done']} cycles with fds "
+                 f"{worst['before']['fds']}->{worst['after']['fds']}, RSS "
+                 f"{worst['before']['rss'] >> 20}->{worst['after']['rss'] >> 20} MiB")
+    return text
 
 
 def figures(records, findings):
@@ -92,6 +103,10 @@ def figures(records, findings):
                          f"replicas {'byte-identical' if final.get('identical') else 'DIFFER'}")
         if r["skipped"]:
             lines.append(f"    skipped: {counts(collections.Counter(r['skipped']))}")
+        if r["crashes"]:
+            lines.append(f"    kill -9: {counts(collections.Counter(r['crashes']))}")
+        if r["notes"]:
+            lines.append(f"    notes: {counts(collections.Counter(r['notes']))}")
         if r["refused"]:
             lines.append(f"    refused: {counts(collections.Counter(r['refused']))}")
     lines.append("findings:" if findings else "findings: none")

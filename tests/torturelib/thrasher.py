@@ -112,25 +112,33 @@ class Thrasher:
         yield from ()
 
     def do_flip_meta(self, p):
+        """A bit of one replica's metadata: a header copy (the newer one
+        makes the replica look stale at the next assembly) or its bitmap (a
+        cleared bit must still be on another member). Only one replica's
+        metadata is damaged at a time, and it counts as at risk until the
+        damage is gone (Campaign.checkpoint looks)."""
         d = self.d
         if d.meta_victim not in self.c.members:
             d.meta_victim = pick(self.c.members, p["pick"])
         victim = d.meta_victim
-        if p["area"] == "header" and victim not in d.shaky and d.allows_down(victim):
-            d.shaky.add(victim)         # its newer copy may be the one hit
+        if victim not in d.shaky and not d.allows_down(victim):
+            self.skip("flip-meta", "its replica may not be at risk")
+            return
+        d.shaky.add(victim)
+        if p["area"] == "header":
             offset = (self.c.files.header_offsets(victim)[p["where"] % 2] +
                       (p["where"] >> 1) % HEADER)
-            self.c.files.flip(victim, offset, p["bit"])
-            self.c.note(f"flip header of {victim} at {offset}")
-            self.c.stats.faults["flip-header"] += 1
         else:
             offset = self.c.files.bitmap_offset + p["where"] % self.c.files.bitmap_used
-            self.c.files.flip(victim, offset, p["bit"])
-            self.c.note(f"flip bitmap of {victim} at {offset}")
-            self.c.stats.faults["flip-bitmap"] += 1
+        self.c.files.flip(victim, offset, p["bit"])
+        self.c.note(f"flip {p['area']} of {victim} at {offset}")
+        self.c.stats.faults["flip-" + p["area"]] += 1
         yield from ()
 
     def fault(self, kind, p):
+        if p["range"] == "meta" and not self.c.late_faults:
+            self.skip(kind, "this engine's fault hook does not reach metadata writes")
+            return
         path = yield from self.victim_or_heal(p["pick"])
         if path is None:
             self.skip(kind, "no replica may go down")
@@ -189,7 +197,8 @@ class Thrasher:
     def do_heal(self, p):
         before = len(self.d.down)
         yield from self.heal_all()
-        self.c.stats.faults["heal"] += before > 0
+        if before:
+            self.c.stats.faults["heal"] += 1
 
     def do_scrub(self, p):
         since = self.c.now()
