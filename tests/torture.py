@@ -40,7 +40,7 @@ from torturelib.schedule import DECK, SABOTAGE, Schedule, Setup  # noqa: E402
 
 def parse(argv):
     p = argparse.ArgumentParser(
-        prog="torture.py", description=__doc__.split("\n\n")[0],
+        prog="torture.py", description=__doc__,
         epilog="A replay (--seed S --steps M) runs the same steps and actions; "
                "the worker's threads interleave as they will, so a timing-dependent "
                "failure may need a couple of tries.",
