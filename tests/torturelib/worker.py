@@ -1,0 +1,428 @@
+"""The worker process: the replica set opened the way `quorumblk add` does
+without the device (meta.assemble, Quorum, meta.commit, Quorum.set_meta,
+meta.resync), serving what the controller sends (protocol.py).
+
+Operations run on lanes of threads: "load" (the batch, several threads)
+and "probe" (one thread, for the thrasher's single reads and writes, so
+they do not wait behind the batch). Writes take a range lock, so writes in
+flight never overlap; reads take none. Control commands (faults, replica
+changes, jobs, status) run one at a time on a control thread.
+"""
+import errno
+import faulthandler
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+from quorumblk import DegradedError, NoQuorumError, QuorumError, core, lifecycle, meta
+from quorumblk.core import Quorum
+
+from .payload import decode, payload
+from .protocol import encode
+
+LATE_FAULTS = "late" in core.FAULTS        # the new engine: held until release
+JOB_LIMIT = 60.0                           # seconds a lifecycle job may take
+LOCKED = ("write", "write-fua", "discard", "write-zeroes")
+
+
+class ReaddLimit(Exception):
+    """The worker did as many readds as it was allowed."""
+
+
+class Out:
+    """The report pipe: the process's original stdout, one writer at a time.
+    Anything else printed goes to stderr (the worker's log)."""
+
+    def __init__(self):
+        self.fd = os.dup(1)
+        os.dup2(2, 1)
+        self.lock = threading.Lock()
+
+    def send(self, **msg):
+        data = encode(msg)
+        with self.lock:
+            while data:
+                data = data[os.write(self.fd, data):]
+
+
+class RangeLocks:
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.held = []
+
+    def acquire(self, offset, length):
+        with self.cond:
+            while any(o < offset + length and offset < o + n for o, n in self.held):
+                self.cond.wait()
+            self.held.append((offset, length))
+
+    def release(self, offset, length):
+        with self.cond:
+            self.held.remove((offset, length))
+            self.cond.notify_all()
+
+
+class Lane:
+    """Threads running ops from one queue. poke() makes each of them call
+    the engine once more even when idle: the new engine reaps a late
+    completion in the thread that issued the I/O, at its next call."""
+
+    def __init__(self, name, threads, run, nudge):
+        self.queue = queue.Queue()
+        self.pokes = [threading.Event() for _ in range(threads)]
+        for k in range(threads):
+            threading.Thread(target=self._loop, args=(run, nudge, self.pokes[k]),
+                             daemon=True, name=f"{name}-{k}").start()
+
+    def _loop(self, run, nudge, poked):
+        while True:
+            try:
+                op = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if poked.is_set():
+                    poked.clear()
+                    nudge()
+                continue
+            run(op)
+
+    def poke(self):
+        for p in self.pokes:
+            p.set()
+
+
+def error_kind(e):
+    if isinstance(e, NoQuorumError):
+        return "noquorum"
+    if isinstance(e, DegradedError):
+        return "degraded"
+    return errno.errorcode.get(e.errno, str(e.errno))
+
+
+def dump_stacks():
+    """Every thread's C and Python stack into the log (stderr), for a hang."""
+    faulthandler.dump_traceback(all_threads=True)
+    if shutil.which("gdb"):
+        subprocess.run(["gdb", "-p", str(os.getpid()), "-batch", "-ex",
+                        "thread apply all bt"], stdout=2, stderr=2, timeout=120)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Worker:
+    def __init__(self, config, out):
+        self.cfg = config
+        self.out = out
+        self.timeout = config["timeout"]
+        self.locks = RangeLocks()
+        self.q = None
+        self.life = None
+        self.lanes = []
+        self.cycles = 0                 # fail + readd cycles done
+        self.readds = 0                 # readds asked of the engine
+        self.readd_limit = config.get("readd_limit") or 0
+        self.events = {}
+
+    # -- the replica set --
+    def open(self):
+        c = self.cfg
+        plan = meta.assemble(c["paths"], c["threshold"], c["region_shift"])
+        self.q = Quorum(c["paths"], c["threshold"], timeout=c["timeout"],
+                        events_per_sec=0, read_policy=c["read_policy"],
+                        max_io=c["max_io"])
+        meta.commit(c["paths"], plan)
+        self.q.set_meta(plan.metas, plan.bitmap)
+        report = meta.resync(self.q, plan)
+        self.life = lifecycle.Lifecycle(self.q)
+        return report
+
+    def index(self, path):
+        """The engine index of a replica path (the live one, not removed)."""
+        states = self.q.replica_states()
+        for i, p in enumerate(self.q.paths):
+            if p == path and states[i] != "removed":
+                return i
+        raise LookupError(f"{path} is not a replica of the running set")
+
+    def state(self, path):
+        return self.q.replica_states()[self.index(path)]
+
+    def view(self):
+        return {"paths": list(self.q.paths), "states": self.q.replica_states()}
+
+    # -- operations --
+    def run_op(self, op):
+        op_id, kind, offset, length, version = op
+        data = payload(version, offset, length) if kind in ("write", "write-fua") else None
+        locked = kind in LOCKED
+        if locked:
+            self.locks.acquire(offset, length)
+        try:
+            got = self._timed(op_id, kind, offset, length, data, version)
+        finally:
+            if locked:
+                self.locks.release(offset, length)
+        if got is not None:
+            self.out.send(ev="r", id=op_id, runs=decode(got, offset))
+
+    def _timed(self, op_id, kind, offset, length, data, version):
+        got = None
+        t0 = time.monotonic()
+        self.out.send(ev="s", id=op_id, t=t0)
+        try:
+            got = self._call(kind, offset, length, data, version)
+        except QuorumError as e:
+            self.out.send(ev="e", id=op_id, ok=0, dur=time.monotonic() - t0,
+                          err=error_kind(e), errno=e.errno, text=str(e))
+            return None
+        except Exception:
+            self.out.send(ev="e", id=op_id, ok=0, dur=time.monotonic() - t0,
+                          err="exception", errno=0, text=traceback.format_exc())
+            return None
+        self.out.send(ev="e", id=op_id, ok=1, dur=time.monotonic() - t0)
+        return got
+
+    def _call(self, kind, offset, length, data, version):
+        q = self.q
+        if kind == "read":
+            return q.read(offset, length)
+        if kind in ("write", "write-fua"):
+            q.write(offset, data, fua=kind == "write-fua")
+        elif kind == "flush":
+            q.flush()
+        elif kind == "discard":
+            q.discard(offset, length)
+        elif kind == "write-zeroes":
+            q.write_zeroes(offset, length)
+        elif kind == "stall":           # the campaign's self-test of its clock
+            time.sleep(version / 1000.0)
+        else:
+            raise ValueError(f"unknown op kind {kind}")
+        return None
+
+    # -- control commands --
+    def run_control(self, msg):
+        cid = msg.pop("cid")
+        name = msg.pop("cmd")
+        try:
+            result = getattr(self, "cmd_" + name.replace("-", "_"))(**msg)
+            self.out.send(ev="c", cid=cid, ok=1, result=result, **self.view())
+        except Exception as e:
+            self.out.send(ev="c", cid=cid, ok=0, error=str(e), type=type(e).__name__,
+                          errno=getattr(e, "errno", None), **self.view())
+
+    def wait_job(self, job):
+        deadline = time.monotonic() + JOB_LIMIT
+        while job.state == "running":
+            if time.monotonic() > deadline:
+                dump_stacks()
+                raise TimeoutError(f"{job.kind} did not end in {JOB_LIMIT} s "
+                                   f"({job.to_dict()['percent']}% done); the worker's "
+                                   "stacks are in worker.log")
+            time.sleep(0.005)
+        if job.state != "done":
+            raise RuntimeError(f"{job.kind} failed: {job.error}")
+        return job.result
+
+    def wait_state(self, path, cond, seconds):
+        deadline = time.monotonic() + seconds
+        while not cond(self.state(path)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def readd(self, path):
+        if self.readd_limit and self.readds >= self.readd_limit:
+            raise ReaddLimit(f"this worker did its {self.readd_limit} readds "
+                             "(--readd-limit): the campaign restarts it")
+        self.readds += 1
+        return self.wait_job(self.life.readd(path))
+
+    def bring_back(self, path):
+        """Readd path until it is in service; the new engine refuses while
+        the replica still owes abandoned I/O (EBUSY): then wait."""
+        refused = 0
+        for _ in range(40):
+            if self.state(path) == "in-service":
+                return {"back": True, "refused_busy": refused}
+            try:
+                self.readd(path)
+            except QuorumError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                refused += 1
+                for lane in self.lanes:
+                    lane.poke()
+                time.sleep(0.25)
+        return {"back": self.state(path) == "in-service", "refused_busy": refused}
+
+    def cmd_status(self):
+        st = self.q.status()
+        counts, failures = {}, []
+        for e in self.q.events():
+            counts[e["type"]] = counts.get(e["type"], 0) + 1
+            if e["type"] in ("replica-failed", "replica-error"):
+                failures.append({k: e[k] for k in ("type", "path", "offset", "length",
+                                                   "errno", "time")})
+        keys = ("timeouts", "errors", "late", "owed", "bad_blocks", "repairs")
+        return {"replicas": [{k: r.get(k) for k in keys} for r in st["replicas"]],
+                "events": counts, "failures": failures[-20:], "fds": open_fds(),
+                "rss": rss_bytes(), "cycles": self.cycles, "readds": self.readds}
+
+    def cmd_inject(self, replica, kind, ops, offset, length, count, delay=0.0):
+        self.q.inject(self.index(replica), kind, ops=tuple(ops), offset=offset,
+                      length=length, count=count, delay=delay)
+        return {}
+
+    def cmd_fail(self, replica):
+        self.q.set_state(self.index(replica), "failed")
+        return {}
+
+    def cmd_readd(self, replica):
+        if self.state(replica) == "in-service":
+            return {"skipped": "in service"}
+        return self.readd(replica)
+
+    def cmd_heal(self, replica):
+        """Clear the replica's fault, let what it still had out be
+        abandoned, and bring it back."""
+        i = self.index(replica)
+        self.q.inject(i, None)
+        if LATE_FAULTS:
+            self.q.release(i)
+        time.sleep(self.timeout * 1.5)
+        return self.bring_back(replica)
+
+    def cmd_cycles(self, replica, count):
+        before = {"fds": open_fds(), "rss": rss_bytes()}
+        done = 0
+        for _ in range(count):
+            if self.readd_limit and self.readds >= self.readd_limit - 1:
+                break
+            self.q.set_state(self.index(replica), "failed")
+            self.readd(replica)
+            done += 1
+            self.cycles += 1
+        time.sleep(0.05)                # the last job thread's context goes
+        return {"done": done, "before": before,
+                "after": {"fds": open_fds(), "rss": rss_bytes()}}
+
+    def cmd_late(self, replica, ops, delay, clean_after):
+        """A replica I/O completes late: the old engine's "delay" (it starts
+        `delay` s after it was issued, past the timeout), or the new engine's
+        "late" (held until released). The replica fails at the timeout and
+        is readded (and its bits cleaned, with clean_after); the late I/O
+        lands when it will, and the command returns once it has, so that
+        the audit after the step sees where it landed."""
+        i = self.index(replica)
+        if LATE_FAULTS:
+            self.q.inject(i, "late", ops=tuple(ops))
+        else:
+            self.q.inject(i, "delay", ops=tuple(ops), delay=delay, count=1)
+        t0 = time.monotonic()
+        failed = self.wait_state(replica, lambda s: s != "in-service",
+                                 self.timeout * 4 + 1.0)
+        failed_at = time.monotonic()
+        self.q.inject(i, None)
+        time.sleep(self.timeout * 1.5)
+        out = {"failed": failed or self.state(replica) != "in-service"}
+        if LATE_FAULTS and out["failed"]:
+            try:
+                self.readd(replica)
+                out["readd_while_owed"] = "accepted"
+            except QuorumError as e:
+                out["readd_while_owed"] = errno.errorcode.get(e.errno, str(e.errno))
+            self.q.release(i)
+        out.update(self.bring_back(replica))
+        if clean_after:
+            out["cleaned"] = self.q.clean(idle=0)
+        if not LATE_FAULTS and failed:
+            # the abandoned I/O was issued about a timeout before the failure
+            landed = max(t0, failed_at - self.timeout) + delay + 0.3
+            out["readd_before_landing"] = time.monotonic() < landed - 0.3
+            time.sleep(max(0.0, landed - time.monotonic()))
+        return out
+
+    def cmd_scrub(self):
+        return self.wait_job(self.life.scrub())
+
+    def cmd_clean(self, idle):
+        return {"cleared": self.q.clean(idle=idle)}
+
+    def cmd_replace(self, old, new):
+        return self.wait_job(self.life.replace(old, new))
+
+    def cmd_add_replica(self, path):
+        return self.wait_job(self.life.add_replica(path))
+
+    def cmd_remove_replica(self, replica):
+        return self.life.remove_replica(replica)
+
+    def cmd_stop(self):
+        self.q.close()
+        self.out.send(ev="stopped")
+        os._exit(0)
+
+    # -- the loop --
+    def nudge(self):
+        """A read nobody asked for (its data is not reported): the calling
+        thread's engine context looks at its ring again."""
+        try:
+            self.q.read(0, 512)
+        except QuorumError:
+            pass
+
+    def serve(self):
+        lanes = {"load": Lane("load", self.cfg["threads"], self.guarded(self.run_op),
+                              self.nudge),
+                 "probe": Lane("probe", 1, self.guarded(self.run_op), self.nudge)}
+        self.lanes = list(lanes.values())
+        control = Lane("control", 1, self.guarded(self.run_control), lambda: None)
+        for line in sys.stdin:
+            msg = json.loads(line)
+            if msg["cmd"] == "ops":
+                for op in msg["ops"]:
+                    lanes[msg.get("lane", "load")].queue.put(op)
+            else:
+                control.queue.put(msg)
+        os._exit(0)                      # the controller went away
+
+    def guarded(self, fn):
+        def call(arg):
+            try:
+                fn(arg)
+            except Exception:
+                self.out.send(ev="error", text=traceback.format_exc())
+        return call
+
+
+def main():
+    config = json.loads(sys.stdin.readline())
+    out = Out()
+    faulthandler.enable()           # a crash in the engine leaves its trace in the log
+    worker = Worker(config, out)
+    try:
+        report = worker.open()
+    except (meta.SetError, QuorumError) as e:
+        out.send(ev="assemble-failed", error=str(e))
+        os._exit(3)
+    out.send(ev="ready", resync=report, pid=os.getpid(), late_faults=LATE_FAULTS,
+             **worker.view())
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main()
