@@ -223,6 +223,8 @@ static void other_cqe(struct qb_quorum *q, const struct io_uring_cqe *cqe)
 		return;
 	case W_IO:
 		qb_owed(q, wud_rep(cqe->user_data), -1);
+		qb_event(q, QB_EV_LATE, (int)wud_rep(cqe->user_data), b->off, 0,
+			 cqe->res < 0 ? -cqe->res : 0);
 		return;
 	}
 }

@@ -215,6 +215,8 @@ static void abandon(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
 		o->gen = s->gen;
 		o->replica = r;
 		o->left = n;
+		o->off = s->off;
+		o->len = s->len;
 		if (k >= 0)
 			o->buf = set_aside(c, s, (uint32_t)k);
 		o->next = c->orphans;
@@ -227,8 +229,9 @@ static void abandon(struct qb_ctx *c, struct qb_slot *s, uint32_t r)
 	s->nout[r] = 0;
 }
 
-/* A CQE of an abandoned I/O: true if it was one. */
-static bool orphan_cqe(struct qb_ctx *c, uint64_t ud)
+/* A CQE of an abandoned I/O: true if it was one. It is counted, and
+ * reported: the replica answered after all (res: how). */
+static bool orphan_cqe(struct qb_ctx *c, uint64_t ud, int res)
 {
 	struct orphan **p, *o;
 
@@ -239,6 +242,8 @@ static bool orphan_cqe(struct qb_ctx *c, uint64_t ud)
 	if (!o)
 		return false;
 	qb_owed(c->q, o->replica, -1);
+	qb_event(c->q, QB_EV_LATE, (int)o->replica, o->off, o->len,
+		 res < 0 ? -res : 0);
 	if (--o->left)
 		return true;
 	*p = o->next;
@@ -311,7 +316,7 @@ static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 	uint32_t r = ud_rep(ud), kind = ud_kind(ud), want;
 	uint64_t off;
 
-	if (c->orphans && orphan_cqe(c, ud))
+	if (c->orphans && orphan_cqe(c, ud, res))
 		return;		/* a late completion */
 	if (ud_slot(ud) >= c->depth || s->phase == PH_FREE ||
 	    s->gen != ud_gen(ud) || !s->nout[r])
@@ -1117,6 +1122,17 @@ static void run_backlog(struct qb_ctx *c)
 }
 
 static void reap_zombies(struct qb_quorum *q);
+static void reap_idle_contexts(struct qb_ctx *self);
+
+void qb_ctx_enter(struct qb_ctx *c)
+{
+	pthread_mutex_lock(&c->entry);
+}
+
+void qb_ctx_leave(struct qb_ctx *c)
+{
+	pthread_mutex_unlock(&c->entry);
+}
 
 /*
  * How many CQEs can arrive before any request can move on: the fewest I/Os
@@ -1186,8 +1202,14 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 
 int qb_ctx_poll(struct qb_ctx *c)
 {
+	int ret;
+
 	qb_err_clear();
-	return qb_ctx_run(c, 0);
+	qb_ctx_enter(c);
+	ret = qb_ctx_run(c, 0);
+	qb_ctx_leave(c);
+	reap_idle_contexts(c);
+	return ret;
 }
 
 /* ---- life cycle ---- */
@@ -1314,6 +1336,7 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 	}
 	if (c->link.wake_fd >= 0)
 		close(c->link.wake_fd);
+	pthread_mutex_destroy(&c->entry);
 	slots_free(c);
 	free(c->spare);
 	free(c->mapped);
@@ -1332,35 +1355,110 @@ static void zombie_release(struct qb_ctx_link *l)
 	ctx_free(c, false);
 }
 
+static struct qb_ctx *ctx_of(struct qb_ctx_link *l)
+{
+	return (struct qb_ctx *)((char *)l - offsetof(struct qb_ctx, link));
+}
+
+/* The CQEs of a context no thread is in: only abandoned I/O's, and the
+ * engine's own timers and wake-ups, can be there. */
+static void reap_idle(struct qb_ctx *c)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, seen = 0;
+
+	io_uring_for_each_cqe(&c->ring, head, cqe) {
+		uint64_t ud = cqe->user_data;
+
+		seen++;
+		if (ud & QB_UD_FOREIGN)
+			continue;
+		switch (ud_kind(ud)) {
+		case K_TICK:
+			c->tick_armed = false;
+			break;
+		case K_WAKE:
+			c->wake_armed = false;
+			break;
+		case K_IGNORE:
+			break;
+		default:
+			orphan_cqe(c, ud, cqe->res);
+		}
+	}
+	io_uring_cq_advance(&c->ring, seen);
+}
+
 /* Late completions of destroyed contexts; those whose I/O is all back are
- * freed. Any context's loop does it, when the lock is free. */
+ * freed. The list is taken whole (events take the quorum's lock). */
 static void reap_zombies(struct qb_quorum *q)
 {
-	struct qb_ctx_link **p, *l;
+	struct qb_ctx_link *list, *keep = NULL;
 
-	if (pthread_mutex_trylock(&q->lock))
-		return;
-	for (p = &q->zombies; (l = *p);) {
-		struct qb_ctx *z = (struct qb_ctx *)((char *)l -
-						     offsetof(struct qb_ctx, link));
-		struct io_uring_cqe *cqe;
-		unsigned head, seen = 0;
+	pthread_mutex_lock(&q->lock);
+	list = q->zombies;
+	__atomic_store_n(&q->zombies, NULL, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&q->lock);
+	while (list) {
+		struct qb_ctx_link *l = list;
+		struct qb_ctx *z = ctx_of(l);
 
-		io_uring_for_each_cqe(&z->ring, head, cqe) {
-			if (!(cqe->user_data & QB_UD_FOREIGN))
-				orphan_cqe(z, cqe->user_data);
-			seen++;
-		}
-		io_uring_cq_advance(&z->ring, seen);
-		if (z->orphans) {
-			p = &l->next;
+		list = l->next;
+		/* a reaper that found it while it still lived may hold it */
+		if (pthread_mutex_trylock(&z->entry)) {
+			l->next = keep;
+			keep = l;
 			continue;
 		}
-		__atomic_store_n(p, l->next, __ATOMIC_RELEASE);
+		reap_idle(z);
+		pthread_mutex_unlock(&z->entry);
+		if (z->orphans) {
+			l->next = keep;
+			keep = l;
+			continue;
+		}
 		io_uring_queue_exit(&z->ring);
 		ctx_free(z, true);
 	}
+	if (!keep)
+		return;
+	pthread_mutex_lock(&q->lock);
+	while (keep) {
+		struct qb_ctx_link *l = keep;
+
+		keep = l->next;
+		l->next = q->zombies;
+		__atomic_store_n(&q->zombies, l, __ATOMIC_RELEASE);
+	}
 	pthread_mutex_unlock(&q->lock);
+}
+
+/* Late completions of the live contexts no thread is in: an idle thread's
+ * context would keep them (and its replicas' owed counts) until that
+ * thread calls in again. Front ends' contexts (ublk queues) run all the
+ * time and are theirs alone. */
+static void reap_idle_contexts(struct qb_ctx *self)
+{
+	struct qb_quorum *q = self->q;
+	struct qb_ctx *held[64];
+	uint32_t n = 0;
+
+	pthread_mutex_lock(&q->lock);
+	for (struct qb_ctx_link *l = q->ctxs; l && n < 64; l = l->next) {
+		struct qb_ctx *c = ctx_of(l);
+
+		if (c == self || c->foreign || pthread_mutex_trylock(&c->entry))
+			continue;
+		if (c->inflight || !c->orphans)
+			pthread_mutex_unlock(&c->entry);
+		else
+			held[n++] = c;	/* its entry held: it cannot go away */
+	}
+	pthread_mutex_unlock(&q->lock);
+	for (uint32_t i = 0; i < n; i++) {
+		reap_idle(held[i]);
+		pthread_mutex_unlock(&held[i]->entry);
+	}
 }
 
 int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
@@ -1380,6 +1478,7 @@ int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 	c->q = q;
 	c->depth = depth;
+	pthread_mutex_init(&c->entry, NULL);
 	c->link.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	tick_ms = q->opt.timeout_ms / 4;
 	tick_ms = tick_ms < 5 ? 5 : tick_ms > 1000 ? 1000 : tick_ms;
@@ -1406,6 +1505,8 @@ void qb_ctx_destroy(struct qb_ctx *c)
 {
 	struct qb_quorum *q = c->q;
 
+	/* a reaper in another thread holds entry while it works on c */
+	pthread_mutex_lock(&c->entry);
 	/* whatever is still out is not waited for: it becomes orphans */
 	for (uint32_t i = 0; i < c->depth; i++)
 		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
@@ -1414,10 +1515,12 @@ void qb_ctx_destroy(struct qb_ctx *c)
 	if (c->orphans) {
 		c->link.release = zombie_release;
 		slots_free(c);
+		pthread_mutex_unlock(&c->entry);
 		qb_link_remove(q, &c->link, true);
 		return;
 	}
-	qb_link_remove(q, &c->link, false);
+	qb_link_remove(q, &c->link, false);	/* no reaper finds it now */
+	pthread_mutex_unlock(&c->entry);
 	if (c->ring_ok)
 		io_uring_queue_exit(&c->ring);
 	ctx_free(c, true);
@@ -1435,14 +1538,13 @@ int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 	qb_err_clear();
 	if (op == QB_OP_WRITE && length <= c->q->opt.max_io)
 		memcpy(src, buf, length);
+	qb_ctx_enter(c);
 	ret = qb_ctx_submit(c, 0, op, flags, offset, length, src);
+	while (!ret && s->phase != PH_FREE)
+		ret = qb_ctx_run(c, 1);
+	qb_ctx_leave(c);
 	if (ret)
 		return ret;
-	while (s->phase != PH_FREE) {
-		ret = qb_ctx_run(c, 1);
-		if (ret)
-			return ret;
-	}
 	if (s->result < 0) {
 		const char *what = op == QB_OP_READ ? "read" :
 				   op == QB_OP_WRITE ? "write" :

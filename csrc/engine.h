@@ -49,4 +49,11 @@ uint32_t qb_ctx_inflight(const struct qb_ctx *c);
 
 struct qb_quorum *qb_ctx_quorum(const struct qb_ctx *c);
 
+/* A front end that runs its context only now and then (not a loop of its
+ * own) brackets each use: between uses, another thread may process the
+ * context's late completions (qb_ctx_poll), so that an idle thread holds
+ * no replica's owed count. */
+void qb_ctx_enter(struct qb_ctx *c);
+void qb_ctx_leave(struct qb_ctx *c);
+
 #endif

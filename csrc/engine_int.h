@@ -110,6 +110,8 @@ struct qb_slot {
 struct orphan {
 	uint32_t slot, gen, replica;
 	uint32_t left;		/* CQEs still to come */
+	uint64_t off;		/* the request's range, for the event */
+	uint32_t len;
 	void *buf;		/* set aside for them (NULL: none) */
 	struct orphan *next;
 };
@@ -151,6 +153,10 @@ struct qb_ctx {
 	void *done_arg;
 	qb_foreign_fn foreign;
 	void *foreign_arg;
+	/* held by the synchronous entry points (qb_ctx_io, qb_ctx_sync,
+	 * qb_ctx_bench, qb_ctx_poll): while it is free and nothing is in
+	 * flight, another thread may reap the context's late completions */
+	pthread_mutex_t entry;
 };
 
 static inline uint32_t slot_no(const struct qb_ctx *c, const struct qb_slot *s)

@@ -88,6 +88,7 @@ int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
 			      (unsigned long long)qb_quorum_size(q));
 	for (uint32_t i = 0; i < spec->depth; i++)
 		memset(qb_ctx_buf(c, i, 0), 0x5a ^ (int)i, spec->bs);
+	qb_ctx_enter(c);
 	qb_ctx_set_done(c, bench_done, &b);
 	t0 = qb_now_ns();
 	cpu0 = cpu_ns();
@@ -104,5 +105,6 @@ int qb_ctx_bench(struct qb_ctx *c, const struct qb_bench_spec *spec,
 	res->wall_ns = qb_now_ns() - t0;
 	res->cpu_ns = cpu_ns() - cpu0;
 	qb_ctx_set_done(c, NULL, NULL);
+	qb_ctx_leave(c);
 	return ret;
 }

@@ -99,7 +99,10 @@ struct qb_quorum {
 
 	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
 	void *zeros;			/* max_io zero bytes, for write-zeroes */
-	int gates[64];			/* fault eventfds, closed at the end */
+	struct {
+		int fd;
+		uint32_t replica, kind;
+	} gates[64];			/* fault eventfds, closed at the end */
 	uint32_t ngates;
 
 	pthread_mutex_t lock;		/* contexts, retired counters, events */

@@ -246,7 +246,7 @@ void qb_quorum_close(struct qb_quorum *q)
 		free(q->rep[i].path);
 	}
 	for (uint32_t i = 0; i < q->ngates; i++)
-		close(q->gates[i]);
+		close(q->gates[i].fd);
 	if (q->event_fd >= 0)
 		close(q->event_fd);
 	for (uint32_t i = 0; i < q->n; i++)
@@ -385,7 +385,9 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 			return qb_err(errno, QB_ERR_OTHER, "eventfd: %s",
 				      strerror(errno));
 		}
-		q->gates[q->ngates++] = gate;
+		q->gates[q->ngates].fd = gate;
+		q->gates[q->ngates].kind = kind;
+		q->gates[q->ngates++].replica = replica;
 	}
 	q->rep[replica].fault = (struct qb_fault){
 		.kind = kind, .ops_mask = ops_mask, .offset = offset,
@@ -399,25 +401,29 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 	return 0;
 }
 
+/* Every I/O a late fault of the replica holds runs now, also one whose
+ * fault was cleared or replaced since (a gate, once fired, stays open). */
 int qb_quorum_release(struct qb_quorum *q, uint32_t replica)
 {
 	struct qb_fault *f;
 	uint64_t one = 1;
-	int gate;
+	int ret = 0;
 
 	qb_err_clear();
 	if (replica >= qb_replicas(q))
 		return qb_err(EINVAL, QB_ERR_INVALID, "no replica %u", replica);
 	pthread_mutex_lock(&q->fault_lock);
 	f = &q->rep[replica].fault;
-	gate = f->kind == QB_FAULT_LATE ? f->gate_fd : -1;
-	if (gate >= 0)
+	if (f->kind == QB_FAULT_LATE)
 		f->kind = QB_FAULT_NONE;
+	for (uint32_t i = 0; i < q->ngates; i++)
+		if (q->gates[i].replica == replica &&
+		    q->gates[i].kind == QB_FAULT_LATE &&
+		    write(q->gates[i].fd, &one, sizeof(one)) < 0 && !ret)
+			ret = qb_err(errno, QB_ERR_OTHER, "releasing replica %u: %s",
+				     replica, strerror(errno));
 	pthread_mutex_unlock(&q->fault_lock);
-	if (gate >= 0 && write(gate, &one, sizeof(one)) < 0)
-		return qb_err(errno, QB_ERR_OTHER, "releasing replica %u: %s",
-			      replica, strerror(errno));
-	return 0;
+	return ret;
 }
 
 bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,

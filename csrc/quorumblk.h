@@ -60,7 +60,8 @@ enum qb_event_type {
 	QB_EV_REPLICA_FAILED = 2,
 	QB_EV_QUORUM_FAILURE = 3,
 	QB_EV_REPAIRED = 4,
-	QB_EV_NR = 5,
+	QB_EV_LATE = 5,		/* an abandoned I/O came back after all */
+	QB_EV_NR = 6,
 };
 
 enum qb_fault_kind {

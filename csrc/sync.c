@@ -221,6 +221,7 @@ int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
 	if (c->inflight)
 		return qb_err(EBUSY, QB_ERR_INVALID,
 			      "sync on a context with requests in flight");
+	qb_ctx_enter(c);
 	c->sync_res = res;
 	qb_ctx_set_done(c, sync_done, &st);
 	for (uint32_t i = 0; i < SYNC_DEPTH && i < c->depth &&
@@ -232,6 +233,7 @@ int qb_ctx_sync(struct qb_ctx *c, uint64_t offset, uint64_t length,
 		;
 	qb_ctx_set_done(c, old_done, old_arg);
 	c->sync_res = NULL;
+	qb_ctx_leave(c);
 	if (ret)
 		return ret;
 	if (st.err)

@@ -26,7 +26,8 @@ EVENT_TYPES = {lib.QB_EV_BAD_BLOCK: "bad-block",
                lib.QB_EV_REPLICA_ERROR: "replica-error",
                lib.QB_EV_REPLICA_FAILED: "replica-failed",
                lib.QB_EV_QUORUM_FAILURE: "quorum-failure",
-               lib.QB_EV_REPAIRED: "repaired"}
+               lib.QB_EV_REPAIRED: "repaired",
+               lib.QB_EV_LATE: "late-completion"}
 REPLICA_STATES = {lib.QB_REPLICA_IN_SERVICE: "in-service",
                   lib.QB_REPLICA_FAILED: "failed",
                   lib.QB_REPLICA_RESYNCING: "resyncing",
@@ -293,6 +294,7 @@ class Quorum:
         return device, replicas
 
     def status(self):
+        self.poll()         # late completions idle threads' engines hold
         device, replicas = self.counters()
         for i, r in enumerate(replicas):
             r["path"] = self.paths[i]
@@ -416,8 +418,8 @@ class Quorum:
 
     @_guarded
     def poll(self):
-        """Process this thread's completed I/O without waiting (late
-        completions are counted when their thread next calls in)."""
+        """Process completed I/O without waiting: this thread's, and the
+        late completions that idle threads' engines hold."""
         raise_for(lib.qb_ctx_poll(self._ctx()), lib, ffi)
 
     @_guarded

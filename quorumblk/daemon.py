@@ -84,7 +84,10 @@ def describe_resync(r):
             f"{100.0 * r['bytes'] / max(r['size'], 1):.2f}% of {r['size']}) "
             f"{why.get(r['reason'], '')}")
     if r["unrecoverable_blocks"]:
-        text += f"; {r['unrecoverable_blocks']} blocks had no copy to vote on"
+        text += f"; {r['unrecoverable_blocks']} blocks had no quorum"
+    if r.get("kept_out"):
+        text += (f"; {', '.join(r['kept_out'])} kept out of service (they cannot "
+                 "get those blocks): readd them once the blocks are written")
     return text
 
 

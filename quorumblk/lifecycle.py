@@ -42,6 +42,14 @@ class LifecycleError(CommandError):
     exit_code = REFUSED
 
 
+class OwedError(LifecycleError):
+    """the replica still owes I/O it was given before it failed."""
+
+
+class UnsettledError(LifecycleError):
+    """blocks the replica must get have no quorum: it stays out of service."""
+
+
 class BusyError(CommandError):
     """another job runs on this device."""
     exit_code = 11
@@ -82,6 +90,7 @@ class Job:
         self.rate = rate            # bytes per second at most, or None
         self.state = "running"
         self.error = None
+        self.error_type = None      # the exception's class, for scripts
         self.result = None
         self.started = time.time()
         self.ended = None
@@ -102,7 +111,8 @@ class Job:
                 "percent": round(100.0 * self.done / self.total, 1) if self.total else 100.0,
                 "bytes_per_s": int(self.done / secs), "rate_limit": self.rate,
                 "started": self.started, "ended": self.ended,
-                "seconds": round(secs, 3), "error": self.error, "result": self.result}
+                "seconds": round(secs, 3), "error": self.error,
+                "error_type": self.error_type, "result": self.result}
 
 
 class Lifecycle:
@@ -177,6 +187,7 @@ class Lifecycle:
                 job.state = "done"
             except Exception as e:  # reported through the job, never lost
                 job.error = str(e)
+                job.error_type = type(e).__name__
                 job.state = "failed"
             finally:
                 job.ended = time.time()
@@ -215,6 +226,16 @@ class Lifecycle:
             raise LifecycleError(f"{q.paths[r]} failed during its resync "
                                  f"(state {q.replica_states()[r]}); nothing changed "
                                  "for the others")
+        if res["unrecoverable"]:
+            # no winner to copy: its own (maybe stale) copy would vote there
+            q.set_state(r, "failed")
+            self.changed()
+            raise UnsettledError(
+                f"{q.paths[r]}: {res['unrecoverable']} of the blocks it is resynced "
+                "over have no quorum among the replicas in service, so it cannot "
+                "get them and stays out of service (its copies there may be stale); "
+                "`quorumblk scrub` reports them, a write to them heals them, then "
+                "readd it again")
         q.set_state(r, "in-service")
         self.changed()
         return {"replica": q.paths[r], "index": r, "checked_bytes": res["bytes"],
@@ -312,7 +333,7 @@ class Lifecycle:
                 if e.errno != errno.EAGAIN:
                     raise
                 if time.monotonic() >= deadline:
-                    raise LifecycleError(
+                    raise OwedError(
                         f"{e.strerror}; waited {OWED_WAIT_S:.0f} s: the storage "
                         "still holds them (a hung server or a suspended device); "
                         "try again once it answers") from None

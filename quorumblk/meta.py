@@ -13,8 +13,8 @@ where writes may be in flight, or that a member out of service missed.
     tail, which must be zeros (nothing is overwritten).
   - all have metadata: they must be of one set (else: a foreign replica,
     refused), distinct members of it, and at least `threshold` of them
-    current. A replica that is behind (lower event count, or marked failed
-    or resyncing by the current ones) is stale: it resyncs before it votes.
+    current. A replica that the newest header (the highest event count)
+    records as failed or resyncing is stale: it resyncs before it votes.
   - some have, some have not: refused; a new replica joins a live device.
   - a replica that was removed from the set (its own header or the current
     ones say so) is refused: it missed every write since.
@@ -97,6 +97,14 @@ def write(path, m, bitmap=None):
     buf = ffi.NULL if bitmap is None else ffi.from_buffer(bitmap)
     if lib.qb_meta_write(path.encode(), m, buf) < 0:
         raise SetError(ffi.string(lib.qb_last_error()).decode())
+
+
+def write_both(path, m, bitmap=None):
+    """A header for a new member: both copies (m's seq and the next), so
+    that one bad sector cannot leave it without a header."""
+    write(path, m, bitmap)
+    m.seq += 1
+    write(path, m)
 
 
 def uuid_text(raw):
@@ -228,7 +236,7 @@ def create(paths, threshold, region_shift=None):
         metas.append(m)
     bitmap = bytes(lib.qb_meta_bitmap_bytes(metas[0].nregions))
     for p, m in zip(paths, metas):
-        write(p, m, bitmap)
+        write_both(p, m, bitmap)
     return Plan(metas, bitmap, True, [], [])
 
 
@@ -279,10 +287,13 @@ def assemble(paths, threshold, region_shift=None):
             raise SetError(f"{seen[rid]} and {p} are copies of the same replica "
                            f"({uuid_text(rid)}): give each replica once")
         seen[rid] = p
+    # stale: what the newest header says of it. Its own may be older and
+    # still current (its newer copy torn); a member that missed writes is
+    # recorded as out of service before any write it missed is acknowledged
     stale, fresh = [], []
     for i, m in enumerate(metas):
         slot = members[bytes(m.replica_uuid)]
-        if m.events < ref.events or ref.members[slot].state != IN_SERVICE:
+        if ref.members[slot].state != IN_SERVICE:
             stale.append(i)
         else:
             fresh.append(i)
@@ -390,11 +401,16 @@ def resync(q, plan, progress=None):
         _add_counts(res, part)
         res["bytes"] += part["bytes"]
     q.resynced()
+    # a stale replica cannot get a block without quorum: it stays out rather
+    # than vote with its own copy there (only the whole-device pass can
+    # leave such blocks: plurality always has a winner)
+    kept_out = stale if res["unrecoverable"] else []
     for i in stale:
-        q.set_state(i, "in-service")
+        q.set_state(i, "failed" if i in kept_out else "in-service")
     return {"reason": reason, "regions": len(regions), "bytes": res["bytes"],
             "size": q.size, "done": True, "whole": whole,
             "stale": [q.paths[i] for i in stale],
+            "kept_out": [q.paths[i] for i in kept_out],
             "missing": [str(uuid.UUID(bytes=u)) for u in plan.missing],
             "differing_blocks": res["bad"],
             "copied_blocks": res["written"],
@@ -456,5 +472,5 @@ def new_member(ref, members, path):
     m.members[slot].uuid = list(bytes(m.replica_uuid))
     m.members[slot].state = RESYNCING
     m.members[slot].flags = FULL_SYNC
-    write(path, m, bytes(lib.qb_meta_bitmap_bytes(m.nregions)))
+    write_both(path, m, bytes(lib.qb_meta_bitmap_bytes(m.nregions)))
     return m

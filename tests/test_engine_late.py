@@ -152,6 +152,7 @@ def test_late_held_io_runs_when_released(tmp_path, open_quorum):
     time.sleep(TIMEOUT)
     assert pread(paths[2], 0, BS) == bytes(BS)      # still held
     assert q.status()["replicas"][2]["owed"] == 1
+    q.inject(2, None)           # new I/O is not held; what is held stays
     q.release(2)
     settle(q, 2)
     assert pread(paths[2], 0, BS) == b"L" * BS
@@ -278,3 +279,36 @@ def test_readd_of_a_replica_that_does_not_answer_refuses_within_seconds(
         gate.set()
     finally:
         q.close()
+
+
+def test_an_idle_threads_late_completion_is_counted_by_another(tmp_path, open_quorum):
+    """The thread whose write was abandoned goes idle (it lives on, doing
+    nothing): its engine holds the late completion, and the replica's owed
+    count with it, until some thread looks. status() (any thread) does."""
+    paths = zero_images(tmp_path)
+    q = open_quorum(paths, 2, timeout=TIMEOUT, events_per_sec=0)
+    q.inject(2, "late", ops=("write",))
+    idle = threading.Event()
+    wrote = threading.Event()
+
+    def writer():
+        q.write(0, b"W" * BS)
+        wrote.set()
+        idle.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert wrote.wait(10)
+        assert q.status()["replicas"][2]["owed"] == 1
+        q.release(2)
+        end = time.monotonic() + 10
+        while q.status()["replicas"][2]["owed"] and time.monotonic() < end:
+            time.sleep(0.05)
+        st = q.status()["replicas"][2]
+        assert st["owed"] == 0 and st["late"] == 1, st
+        late = [e for e in q.events() if e["type"] == "late-completion"]
+        assert [(e["replica"], e["offset"], e["length"]) for e in late] == [(2, 0, BS)]
+    finally:
+        idle.set()
+        t.join()

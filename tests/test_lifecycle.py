@@ -270,3 +270,28 @@ def test_after_an_interrupted_replace_a_clean_tie_stays_no_quorum(imgs, tmp_path
     assert report["unrecoverable_blocks"] == 1
     q.close()
     assert data(imgs[1]) == b_before                    # b's copy was kept
+
+
+def test_readd_over_a_block_without_quorum_keeps_the_replica_out(imgs):
+    """Found by the torture campaign (seed 2033): c misses a write to a
+    block; then a and b disagree on it (no quorum). The readd cannot give
+    c that block, so c must not vote again with its old copy there: the
+    readd fails saying why and c stays out; once a write heals the block,
+    the readd goes through."""
+    q, _ = start(imgs)
+    try:
+        life = lifecycle.Lifecycle(q)
+        q.set_state(2, "failed")
+        new = pattern(77, BS)
+        q.write(9 * REGION, new)                    # c misses it
+        flip(imgs[0], 9 * REGION + 100)             # a and b disagree
+        job = life.readd(imgs[2])
+        res = wait(job)
+        assert res["state"] == "failed" and "no quorum" in res["error"], res
+        assert q.replica_states() == ["in-service", "in-service", "failed"]
+        q.write(9 * REGION, new)                    # the block is whole again
+        assert wait(life.readd(imgs[2]))["state"] == "done"
+        assert q.replica_states() == ["in-service"] * 3
+    finally:
+        q.close()
+    assert data(imgs[0]) == data(imgs[1]) == data(imgs[2])

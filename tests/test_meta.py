@@ -181,7 +181,7 @@ def test_a_members_absence_is_recorded_and_keeps_bits(imgs):
 
 def write_raw_header(path, m):
     """Encode m as csrc/meta.c does (magic, version, length, the struct, an
-    xxh3-64 of the rest) into the copy its seq picks, with no check: what a
+    xxh3-64 of the rest) into both header copies, with no check: what a
     damaged or hostile disk could hold."""
     import struct
     import xxhash
@@ -190,9 +190,10 @@ def write_raw_header(path, m):
         bytes(ffi.buffer(m, ffi.sizeof("struct qb_meta")))
     body = body.ljust(4088, b"\0")
     block = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
-    with open(path, "r+b") as f:
-        f.seek(m.replica_size - 8192 + (m.seq & 1) * 4096)
-        f.write(block)
+    with open(path, "r+b") as f:         # both copies: no fallback
+        for copy in (0, 1):
+            f.seek(m.replica_size - 8192 + copy * 4096)
+            f.write(block)
 
 
 def _crafted(imgs, change):
@@ -297,3 +298,36 @@ def test_a_hung_metadata_write_fails_its_replica_within_the_timeout(imgs):
         m = meta.read(p)[0]
         assert m.members[2].state == meta.FAILED
     assert meta.assemble(imgs, 2).stale == [2]
+
+
+def test_a_new_member_has_both_header_copies(imgs):
+    """Found by the torture campaign (seeds 4025, 4016): a new set wrote one
+    header copy per replica, and one bad sector there lost the replica."""
+    start(imgs)[0].close()
+    m = meta.read(imgs[1])[0]
+    size = os.path.getsize(imgs[1])
+    with open(imgs[1], "r+b") as f:              # the current copy rots
+        f.seek(size - 8192 + (m.seq & 1) * 4096 + 300)
+        f.write(b"\xaa" * 8)
+    assert meta.read(imgs[1])[0].seq == m.seq - 1
+    q, plan = start(imgs)
+    assert plan.stale == []
+    q.close()
+
+
+def test_a_current_replica_with_its_newest_header_torn_is_still_current(imgs):
+    """Staleness is what the newest header records of a member, not the
+    member's own event count: c's newest header copy is torn (its older one
+    has a lower count), b failed; a and c are current, the set assembles."""
+    q, _ = start(imgs)
+    q.inject(1, "eio", ops=("write",))
+    q.write(0, b"x" * 4096)                      # b fails: headers of a, c
+    q.close()
+    m = meta.read(imgs[2])[0]
+    size = os.path.getsize(imgs[2])
+    with open(imgs[2], "r+b") as f:
+        f.seek(size - 8192 + (m.seq & 1) * 4096 + 300)
+        f.write(b"\xaa" * 8)
+    assert meta.read(imgs[2])[0].events < m.events
+    plan = meta.assemble(imgs, 2)
+    assert plan.stale == [1]

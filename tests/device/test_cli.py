@@ -19,9 +19,15 @@ RUN_DIR = "/run/quorumblk"
 
 
 def qb(*args, timeout=120, user=None):
+    """The quorumblk command, as root or as another user. That user keeps
+    one capability, to read files it has no permission for: the checkout
+    may sit where only root reaches (a 0700 folder under /root), and it is
+    not root for anything else (its effective uid is what the command
+    checks; it writes and connects as that user)."""
     cmd = [QB] + [str(a) for a in args]
     if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] + cmd
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+               "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"] + cmd
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 

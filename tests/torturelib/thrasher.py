@@ -175,6 +175,10 @@ class Thrasher:
         if msg["ok"]:
             self.c.stats.faults["late"] += 1
             self.c.stats.late.append(msg["result"])
+            if msg["result"].get("readd_while_owed") == "accepted":
+                self.c.violation("owed-readd", f"{self.c.names([path])[0]} was readded "
+                                 "while I/O it was given before it failed was still "
+                                 "held (it could land after the resync)")
 
     def cycles(self, p):
         path = yield from self.victim_or_heal(p["pick"])

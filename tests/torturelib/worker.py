@@ -35,6 +35,14 @@ class ReaddLimit(Exception):
     """The worker did as many readds as it was allowed."""
 
 
+class JobFailed(RuntimeError):
+    """A lifecycle job ended in an error (of class error_type)."""
+
+    def __init__(self, message, error_type):
+        super().__init__(message)
+        self.error_type = error_type
+
+
 class Out:
     """The report pipe: the process's original stdout, one writer at a time.
     Anything else printed goes to stderr (the worker's log)."""
@@ -233,7 +241,7 @@ class Worker:
                                    "stacks are in worker.log")
             time.sleep(0.005)
         if job.state != "done":
-            raise RuntimeError(f"{job.kind} failed: {job.error}")
+            raise JobFailed(f"{job.kind} failed: {job.error}", job.error_type)
         return job.result
 
     def wait_state(self, path, cond, seconds):
@@ -253,16 +261,15 @@ class Worker:
 
     def bring_back(self, path):
         """Readd path until it is in service; the new engine refuses while
-        the replica still owes abandoned I/O (EBUSY): then wait."""
+        the replica still owes abandoned I/O (lifecycle.OwedError): then
+        wait."""
         refused = 0
         for _ in range(40):
             if self.state(path) == "in-service":
                 return {"back": True, "refused_busy": refused}
             try:
                 self.readd(path)
-            except QuorumError as e:
-                if e.errno != errno.EBUSY:
-                    raise
+            except lifecycle.OwedError:
                 refused += 1
                 for lane in self.lanes:
                     lane.poke()
@@ -294,7 +301,13 @@ class Worker:
     def cmd_readd(self, replica):
         if self.state(replica) == "in-service":
             return {"skipped": "in service"}
-        return self.readd(replica)
+        try:
+            return self.readd(replica)
+        except JobFailed as e:
+            if e.error_type != "UnsettledError":
+                raise
+            # blocks without quorum in what it missed: kept out, as it must be
+            return {"kept_out": str(e)}
 
     def cmd_heal(self, replica):
         """Clear the replica's fault, let what it still had out be
@@ -343,9 +356,10 @@ class Worker:
             try:
                 self.readd(replica)
                 out["readd_while_owed"] = "accepted"
-            except QuorumError as e:
-                out["readd_while_owed"] = errno.errorcode.get(e.errno, str(e.errno))
-            self.q.release(i)
+            except lifecycle.OwedError:
+                out["readd_while_owed"] = "refused"
+            finally:
+                self.q.release(i)
         out.update(self.bring_back(replica))
         if clean_after:
             out["cleaned"] = self.q.clean(idle=0)
