@@ -595,6 +595,23 @@ static void *writer_main(void *arg)
 
 /* ---- the quorum's metadata, from outside ---- */
 
+void qb_bitmap_describe(struct qb_quorum *q, FILE *f)
+{
+	struct qb_bitmap *b = q->bitmap;
+
+	/* read without the lock: a hang being diagnosed may hold it */
+	fprintf(f, "bitmap: round next %llu done %llu want %llu states %llu, "
+		"clean asked %d, headers %d, dirty pages %llu-%llu, quit %d\n",
+		(unsigned long long)b->round_next,
+		(unsigned long long)__atomic_load_n(&b->round_done,
+						    __ATOMIC_RELAXED),
+		(unsigned long long)b->want,
+		(unsigned long long)__atomic_load_n(&b->states_round,
+						    __ATOMIC_RELAXED),
+		b->clean, b->headers, (unsigned long long)b->dirty_lo,
+		(unsigned long long)b->dirty_hi, b->quit);
+}
+
 int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms)
 {
 	struct qb_bitmap *b = q->bitmap;

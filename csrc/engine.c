@@ -30,6 +30,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -1565,4 +1566,93 @@ int64_t qb_ctx_io(struct qb_ctx *c, uint32_t op, uint32_t flags,
 	if (op == QB_OP_READ)
 		memcpy(buf, s->out, length);
 	return s->result;
+}
+
+/* ---- diagnosis ---- */
+
+static const char *const phase_names[] = {
+	"free", "hold", "read", "read-more", "repair", "mark", "modify",
+	"flush", "states", "sync", "sync-write",
+};
+
+static uint32_t list_len(const struct qb_slot *s)
+{
+	uint32_t n = 0;
+
+	for (; s; s = s->next)
+		n++;
+	return n;
+}
+
+/* One context, as far as reading it from another thread can tell. */
+static void describe_ctx(struct qb_ctx *c, FILE *f, uint64_t now)
+{
+	uint32_t norphans = 0;
+
+	for (struct orphan *o = c->orphans; o; o = o->next)
+		norphans++;
+	fprintf(f, "ctx %p: inflight %u, deferred %u, parked %u (waiting %d), "
+		"ready %u, tick %s, wake %s, orphans %u, backlog %u, "
+		"front end %s\n", (void *)c, c->inflight, list_len(c->deferred),
+		list_len(c->parked), __atomic_load_n(&c->link.waiting,
+						     __ATOMIC_RELAXED),
+		list_len(c->ready), c->tick_armed ? "armed" : "off",
+		c->wake_armed ? "armed" : "off", norphans, c->nbacklog,
+		c->foreign ? "yes" : "no");
+	for (uint32_t i = 0; c->slots && i < c->depth; i++) {
+		struct qb_slot *s = &c->slots[i];
+
+		if (s->phase == PH_FREE && !s->pending)
+			continue;
+		fprintf(f, "  slot %u gen %u: %s op %u flags %#x off %llu len %u "
+			"step %llu+%u pending %u ticket %llu ok %#x bad %#x "
+			"tried %#x", i, s->gen,
+			s->phase < sizeof(phase_names) / sizeof(phase_names[0]) ?
+			phase_names[s->phase] : "?", s->op, s->flags,
+			(unsigned long long)s->off, s->len,
+			(unsigned long long)s->poff, s->plen, s->pending,
+			(unsigned long long)s->ticket, s->ok, s->bad, s->tried);
+		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+			if (s->nout[r])
+				fprintf(f, " [r%u out %u for %llu ms]", r,
+					s->nout[r], (unsigned long long)
+					((now - s->since[r]) / 1000000));
+		fputc('\n', f);
+	}
+	for (struct orphan *o = c->orphans; o; o = o->next)
+		fprintf(f, "  orphan slot %u gen %u replica %u left %u off %llu "
+			"len %u\n", o->slot, o->gen, o->replica, o->left,
+			(unsigned long long)o->off, o->len);
+}
+
+int qb_quorum_describe(struct qb_quorum *q, char *buf, size_t len)
+{
+	FILE *f = fmemopen(buf, len, "w");
+	uint64_t now = qb_now_ns();
+	bool locked;
+
+	if (!f)
+		return -errno;
+	/* a diagnosis of a hang: the lock may be what hangs */
+	locked = pthread_mutex_trylock(&q->lock) == 0;
+	fprintf(f, "quorum: %u replicas, in service %#x, writable %#x%s\n",
+		qb_replicas(q), qb_in_service(q), qb_writable(q),
+		locked ? "" : " (its lock is held: read without it)");
+	for (uint32_t r = 0; r < qb_replicas(q); r++)
+		fprintf(f, "replica %u: state %d owed %u late %llu\n", r,
+			__atomic_load_n(&q->rep[r].state, __ATOMIC_RELAXED),
+			__atomic_load_n(&q->rep[r].owed, __ATOMIC_RELAXED),
+			(unsigned long long)__atomic_load_n(&q->rep[r].late,
+							    __ATOMIC_RELAXED));
+	if (q->bitmap)
+		qb_bitmap_describe(q, f);
+	for (struct qb_ctx_link *l = q->ctxs; l; l = l->next)
+		describe_ctx(ctx_of(l), f, now);
+	for (struct qb_ctx_link *l = q->zombies; l; l = l->next)
+		fprintf(f, "zombie %p\n", (void *)ctx_of(l));
+	if (locked)
+		pthread_mutex_unlock(&q->lock);
+	fclose(f);
+	buf[len - 1] = 0;
+	return 0;
 }

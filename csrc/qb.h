@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 
@@ -172,6 +173,8 @@ uint64_t qb_bitmap_states_round(const struct qb_quorum *q);
 /* Wait for round (from a thread that is not the writer). */
 void qb_bitmap_wait(struct qb_quorum *q, uint64_t round);
 void qb_bitmap_free(struct qb_quorum *q);
+/* Where the writer is, for a diagnosis (engine.c: qb_quorum_describe). */
+void qb_bitmap_describe(struct qb_quorum *q, FILE *f);
 
 /* issue.c: prepare SQEs that an injected fault delays, holds or hangs:
  * the head that goes before the I/O (linked), or the hang itself. Returns

@@ -251,6 +251,9 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t count, uint32_t delay_ms, int32_t err);
 /* Let every I/O held by replica's QB_FAULT_LATE run now, and clear it. */
 int qb_quorum_release(struct qb_quorum *q, uint32_t replica);
+/* What every context and the metadata writer are doing, as text in buf
+ * (a diagnosis of a hang: read without waiting for any lock). */
+int qb_quorum_describe(struct qb_quorum *q, char *buf, size_t len);
 
 /* Pure vote over one block: bufs[i] is replica i's copy (or NULL: no vote).
  * Returns the winning replica, or -1 when no class reaches threshold; *win

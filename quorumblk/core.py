@@ -416,6 +416,17 @@ class Quorum:
         """Let the I/Os that a "late" fault holds on replica run now."""
         raise_for(lib.qb_quorum_release(self._q, replica), lib, ffi)
 
+    def describe(self):
+        """What every engine context and the metadata writer are doing, as
+        text: a diagnosis of a hang, so it waits for no lock (not even
+        close()'s; the numbers are read while they change)."""
+        q = self._q
+        if q is None:
+            return "closed"
+        buf = ffi.new("char[]", 1 << 16)
+        raise_for(lib.qb_quorum_describe(q, buf, len(buf)), lib, ffi)
+        return ffi.string(buf).decode(errors="replace")
+
     @_guarded
     def poll(self):
         """Process completed I/O without waiting: this thread's, and the

@@ -418,13 +418,17 @@ class Campaign:
         for op in list(self.tracker.running.values()):
             if now - op.started > limit:
                 self.violation("hang", f"{op.kind} at {op.offset} length {op.length} "
-                               f"still running after {now - op.started:.1f} s: worker killed")
+                               f"still running after {now - op.started:.1f} s: worker killed "
+                               "(its stacks and engine state: worker.log)")
+                self.channel.diagnose()
                 self.crash("hang")
                 return
         for cid, (name, started) in list(self.controls.items()):
             if now - started > CONTROL_LIMIT:
                 self.violation("hang", f"control command {name} still running after "
-                               f"{now - started:.0f} s: worker killed")
+                               f"{now - started:.0f} s: worker killed (its stacks and "
+                               "engine state: worker.log)")
+                self.channel.diagnose()
                 self.crash("hang")
                 return
 

@@ -29,8 +29,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+DIAGNOSIS_DONE = "-- end of the diagnosis --"
 
 
 def encode(msg):
@@ -80,6 +84,21 @@ class Channel:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def diagnose(self, limit=60):
+        """Ask a hung worker for its stacks and engine state (SIGUSR2) and
+        wait until they are in its log, or limit seconds."""
+        if self.proc.poll() is not None:
+            return
+        start = os.fstat(self.log.fileno()).st_size
+        os.kill(self.proc.pid, signal.SIGUSR2)
+        end = time.monotonic() + limit
+        while time.monotonic() < end and self.proc.poll() is None:
+            with open(self.log.name, "rb") as f:
+                f.seek(start)
+                if DIAGNOSIS_DONE.encode() in f.read():
+                    return
+            time.sleep(0.2)
 
     def kill(self):
         """kill -9 and reap it; the reader goes on draining the pipe."""

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from quorumblk import DegradedError, NoQuorumError, QuorumError, core, lifecycle
 from quorumblk.core import Quorum
 
 from .payload import decode, payload
-from .protocol import encode
+from .protocol import DIAGNOSIS_DONE, encode
 
 LATE_FAULTS = "late" in core.FAULTS        # the new engine: held until release
 JOB_LIMIT = 60.0                           # seconds a lifecycle job may take
@@ -112,12 +113,32 @@ def error_kind(e):
     return errno.errorcode.get(e.errno, str(e.errno))
 
 
-def dump_stacks():
-    """Every thread's C and Python stack into the log (stderr), for a hang."""
+def dump_stacks(q=None):
+    """Every thread's C and Python stack into the log (stderr), and what the
+    engine's contexts are doing: the diagnosis of a hang."""
     faulthandler.dump_traceback(all_threads=True)
+    if q is not None:
+        print(q.describe(), file=sys.stderr, flush=True)
     if shutil.which("gdb"):
         subprocess.run(["gdb", "-p", str(os.getpid()), "-batch", "-ex",
                         "thread apply all bt"], stdout=2, stderr=2, timeout=120)
+
+
+def diagnose_on_signal(worker):
+    """SIGUSR2 (from the controller, before it kills a hung worker) dumps
+    the diagnosis, then DIAGNOSIS_DONE. A thread of its own takes the
+    signal: the others may be stuck in the engine. Called before any other
+    thread starts, so that every thread inherits the blocked signal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+    def wait():
+        while True:
+            signal.sigwait({signal.SIGUSR2})
+            try:
+                dump_stacks(worker.q)
+            finally:
+                print(DIAGNOSIS_DONE, file=sys.stderr, flush=True)
+    threading.Thread(target=wait, daemon=True, name="diagnosis").start()
 
 
 def open_fds():
@@ -235,7 +256,7 @@ class Worker:
         deadline = time.monotonic() + JOB_LIMIT
         while job.state == "running":
             if time.monotonic() > deadline:
-                dump_stacks()
+                dump_stacks(self.q)
                 raise TimeoutError(f"{job.kind} did not end in {JOB_LIMIT} s "
                                    f"({job.to_dict()['percent']}% done); the worker's "
                                    "stacks are in worker.log")
@@ -428,6 +449,7 @@ def main():
     out = Out()
     faulthandler.enable()           # a crash in the engine leaves its trace in the log
     worker = Worker(config, out)
+    diagnose_on_signal(worker)
     try:
         report = worker.open()
     except (meta.SetError, QuorumError) as e:
