@@ -111,7 +111,7 @@ void qb_bitmap_kick(struct qb_quorum *q)
 
 uint64_t qb_bitmap_done(const struct qb_quorum *q)
 {
-	return __atomic_load_n(&q->bitmap->round_done, __ATOMIC_ACQUIRE);
+	return __atomic_load_n(&q->bitmap->round_done, __ATOMIC_SEQ_CST);
 }
 
 uint64_t qb_bitmap_states_round(const struct qb_quorum *q)
@@ -562,7 +562,9 @@ static void round_run(struct qb_quorum *q)
 	lock(b);
 	if (clean)
 		b->cleared = cleared;
-	__atomic_store_n(&b->round_done, round, __ATOMIC_RELEASE);
+	/* seq_cst, like the parked side's store of `waiting` and its load of
+	 * this: one of the two sees the other (qb_links_wake) */
+	__atomic_store_n(&b->round_done, round, __ATOMIC_SEQ_CST);
 	pthread_cond_broadcast(&b->cond);
 	unlock(b);
 	qb_links_wake(q);

@@ -389,6 +389,8 @@ static void arm_wake(struct qb_ctx *c)
 static void park(struct qb_ctx *c, struct qb_slot *s, int phase,
 		 uint64_t round)
 {
+	if (__atomic_load_n(&c->q->pause_ms, __ATOMIC_RELAXED))
+		qb_test_pause(c->q, QB_PAUSE_BEFORE_PARK);
 	s->phase = (uint8_t)phase;
 	s->ticket = round;
 	s->next = c->parked;
@@ -436,6 +438,7 @@ void qb_finish(struct qb_ctx *c, struct qb_slot *s, int res, int kind,
 	s->err_kind = (uint8_t)kind;
 	s->out = out;
 	c->inflight--;
+	c->finished++;
 	if (res < 0)
 		QB_ADD(c->link.dev.errors, 1);
 	if (c->done)
@@ -1161,6 +1164,7 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 {
 	struct io_uring_cqe *cqe;
 	unsigned head, seen = 0;
+	uint64_t finished = c->finished;
 	int ret;
 
 	if (c->nbacklog) {
@@ -1171,8 +1175,10 @@ int qb_ctx_run(struct qb_ctx *c, uint32_t wait_nr)
 		reap_zombies(c->q);
 	retry_deferred(c);
 	unpark(c);
-	if (run_ready(c))
-		wait_nr = 0;	/* progress made: do not block */
+	/* progress made (a request may have completed on the way: a round it
+	 * waited for ended before it was seen waiting): do not block */
+	if (run_ready(c) || c->finished != finished)
+		wait_nr = 0;
 	else if (wait_nr == 1)
 		wait_nr = progress_bound(c);
 	if (c->deferred && wait_nr) {

@@ -130,6 +130,7 @@ struct qb_ctx {
 	bool ring_ok;
 	uint32_t depth;
 	uint32_t inflight;	/* requests started, not completed */
+	uint64_t finished;	/* requests completed, ever */
 	uint32_t rr;		/* rotation for policy threshold */
 	struct qb_slot *slots;
 	char *bufmem;		/* every slot's first buffers, one mapping */

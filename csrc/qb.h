@@ -117,6 +117,7 @@ struct qb_quorum {
 
 	pthread_mutex_t fault_lock;
 	int faults_on;			/* any fault set: checked per I/O, atomic */
+	uint32_t pause_where, pause_ms;	/* qb_quorum_test_pause, atomic */
 };
 
 /* Error reporting (error.c). */
@@ -132,6 +133,8 @@ void qb_err_clear(void);
 uint64_t qb_now_ns(void);
 void qb_event(struct qb_quorum *q, uint32_t type, int replica,
 	      uint64_t offset, uint64_t length, int err);
+/* The test hook's pause at point where (enum qb_pause), if one is set. */
+void qb_test_pause(struct qb_quorum *q, uint32_t where);
 /* The fault planned for replica r's next I/O, if any (consumes a count). */
 bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,
 		    uint64_t offset, uint64_t length, struct qb_fault *out);

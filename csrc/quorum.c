@@ -426,6 +426,25 @@ int qb_quorum_release(struct qb_quorum *q, uint32_t replica)
 	return ret;
 }
 
+int qb_quorum_test_pause(struct qb_quorum *q, uint32_t where, uint32_t ms)
+{
+	qb_err_clear();
+	if (where > QB_PAUSE_BEFORE_PARK)
+		return qb_err(EINVAL, QB_ERR_INVALID, "no pause point %u", where);
+	__atomic_store_n(&q->pause_ms, 0, __ATOMIC_RELEASE);
+	__atomic_store_n(&q->pause_where, where, __ATOMIC_RELEASE);
+	__atomic_store_n(&q->pause_ms, where ? ms : 0, __ATOMIC_RELEASE);
+	return 0;
+}
+
+void qb_test_pause(struct qb_quorum *q, uint32_t where)
+{
+	uint32_t ms = __atomic_load_n(&q->pause_ms, __ATOMIC_ACQUIRE);
+
+	if (ms && __atomic_load_n(&q->pause_where, __ATOMIC_ACQUIRE) == where)
+		usleep(ms * 1000u);
+}
+
 bool qb_fault_match(struct qb_quorum *q, uint32_t r, uint32_t op,
 		    uint64_t offset, uint64_t length, struct qb_fault *out)
 {

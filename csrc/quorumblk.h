@@ -251,6 +251,14 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 		     uint32_t count, uint32_t delay_ms, int32_t err);
 /* Let every I/O held by replica's QB_FAULT_LATE run now, and clear it. */
 int qb_quorum_release(struct qb_quorum *q, uint32_t replica);
+/* Test hook: widen a race window. The engine sleeps ms milliseconds each
+ * time it passes point where, until the pause is set to 0. */
+enum qb_pause {
+	QB_PAUSE_NONE = 0,
+	QB_PAUSE_BEFORE_PARK = 1,	/* a request that will wait for a
+					 * metadata round, before it says so */
+};
+int qb_quorum_test_pause(struct qb_quorum *q, uint32_t where, uint32_t ms);
 /* What every context and the metadata writer are doing, as text in buf
  * (a diagnosis of a hang: read without waiting for any lock). */
 int qb_quorum_describe(struct qb_quorum *q, char *buf, size_t len);

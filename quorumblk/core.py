@@ -416,6 +416,15 @@ class Quorum:
         """Let the I/Os that a "late" fault holds on replica run now."""
         raise_for(lib.qb_quorum_release(self._q, replica), lib, ffi)
 
+    @_guarded
+    def test_pause(self, where, seconds):
+        """Test hook: widen a race window. The engine sleeps `seconds` each
+        time it passes `where` ("before-park": a request about to wait for
+        a metadata round), until set to 0."""
+        points = {"before-park": lib.QB_PAUSE_BEFORE_PARK}
+        raise_for(lib.qb_quorum_test_pause(self._q, _choice("pause point", where, points),
+                                           int(seconds * 1000)), lib, ffi)
+
     def describe(self):
         """What every engine context and the metadata writer are doing, as
         text: a diagnosis of a hang, so it waits for no lock (not even

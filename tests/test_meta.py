@@ -331,3 +331,62 @@ def test_a_current_replica_with_its_newest_header_torn_is_still_current(imgs):
     assert meta.read(imgs[2])[0].events < m.events
     plan = meta.assemble(imgs, 2)
     assert plan.stale == [1]
+
+
+PARK_RACE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_meta import REGION, start
+q, _ = start(sys.argv[2:], timeout=1.0)
+q.write(7 * REGION, b"m" * 4096)        # region 7 marked: no wait for that
+q.inject(1, "eio", ops=("write",))      # the next write fails replica 1,
+q.inject(0, "delay", ops=("write",), offset=q.size, length=1 << 40,
+         delay=0.3)                     # the round recording it takes 0.3 s,
+q.test_pause("before-park", 1.0)        # and the write pauses before it parks
+t0 = time.monotonic()
+q.write(7 * REGION, b"n" * 4096)
+took = time.monotonic() - t0
+states = q.replica_states()
+q.test_pause("before-park", 0)
+q.close()
+print(took, *states)
+"""
+
+
+@pytest.fixture
+def shm_imgs():
+    """Three images in RAM (/dev/shm): the engine does their I/O in-thread,
+    so no replica I/O is in flight on its ring (and no timer with it)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
+    paths = []
+    for c in "abc":
+        p = os.path.join(d, f"{c}.img")
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+        paths.append(p)
+    yield paths
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_write_whose_metadata_round_ends_as_it_parks_completes(shm_imgs):
+    """A write that must wait for the header round recording a replica's
+    failure saw the round unfinished, and the round ended (its wake-up found
+    nobody waiting) before the write said it waits: the engine then found
+    the round done itself and completed the write, but slept on for a
+    wake-up that would never come, with nothing in flight. Found by the
+    torture campaign (seed 80003, a discard that never returned). The hook
+    widens the window between seeing the round unfinished and waiting."""
+    import subprocess
+    import sys
+    tests = os.path.dirname(os.path.abspath(__file__))
+    try:
+        p = subprocess.run([sys.executable, "-c", PARK_RACE, tests, *shm_imgs],
+                           capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the write never completed (still waiting 30 s later)")
+    assert p.returncode == 0, p.stderr[-3000:]
+    took, *states = p.stdout.split()
+    # the premise: the write failed replica 1, so it waited for a round
+    assert states == ["in-service", "failed", "in-service"]
+    assert 1.0 <= float(took) < 1.0 + 3.0, "the write did not pause: no premise"
