@@ -24,6 +24,22 @@ def imgs(tmp_path):
     return paths
 
 
+@pytest.fixture
+def shm_imgs():
+    """Three images in RAM (/dev/shm): the engine does their I/O in-thread,
+    so no replica I/O is in flight on its ring (and no timer with it)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
+    paths = []
+    for c in "abc":
+        p = os.path.join(d, f"{c}.img")
+        with open(p, "wb") as f:
+            f.truncate(SIZE)
+        paths.append(p)
+    yield paths
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def bits(bitmap):
     return [i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))]
 
@@ -222,35 +238,23 @@ def test_a_crafted_header_is_refused(imgs, what, change):
         meta.read(imgs[0])
 
 
-def test_a_region_count_that_wraps_32_bits_is_refused(tmp_path):
+def test_a_region_count_that_wraps_32_bits_is_refused(shm_imgs):
     """data_size / region size above 2^32 used to be truncated to 32 bits,
     so a crafted header passed and bitmap indexes ran out of bounds. A
     sparse 16 TiB file in RAM holds such a header."""
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm for a sparse 16 TiB file")
-    import tempfile
-    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
-    try:
-        paths = []
-        for c in "abc":
-            p = os.path.join(d, f"{c}.img")
-            with open(p, "wb") as f:
-                f.truncate(SIZE)
-            paths.append(p)
-        start(paths)[0].close()
-        m = meta.read(paths[0])[0]
-        data = (1 << 44) + 4096          # 2^32 + 1 regions of 4 KiB
-        m.data_size = data
-        m.region_shift = 12
-        m.nregions = 1                  # what the 32-bit truncation gives
-        m.replica_size = data + 4096 + 4096 + 8192
-        with open(paths[0], "r+b") as f:
-            f.truncate(m.replica_size)
-        write_raw_header(paths[0], m)
-        with pytest.raises(meta.SetError, match="damaged|implausible"):
-            meta.read(paths[0])
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    path = shm_imgs[0]
+    start(shm_imgs)[0].close()
+    m = meta.read(path)[0]
+    data = (1 << 44) + 4096          # 2^32 + 1 regions of 4 KiB
+    m.data_size = data
+    m.region_shift = 12
+    m.nregions = 1                  # what the 32-bit truncation gives
+    m.replica_size = data + 4096 + 4096 + 8192
+    with open(path, "r+b") as f:
+        f.truncate(m.replica_size)
+    write_raw_header(path, m)
+    with pytest.raises(meta.SetError, match="damaged|implausible"):
+        meta.read(path)
 
 
 def test_a_clean_whose_sync_fails_clears_no_bit(imgs):
@@ -351,22 +355,6 @@ q.test_pause("before-park", 0)
 q.close()
 print(took, *states)
 """
-
-
-@pytest.fixture
-def shm_imgs():
-    """Three images in RAM (/dev/shm): the engine does their I/O in-thread,
-    so no replica I/O is in flight on its ring (and no timer with it)."""
-    import tempfile
-    d = tempfile.mkdtemp(prefix="qbtest-", dir="/dev/shm")
-    paths = []
-    for c in "abc":
-        p = os.path.join(d, f"{c}.img")
-        with open(p, "wb") as f:
-            f.truncate(SIZE)
-        paths.append(p)
-    yield paths
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_write_whose_metadata_round_ends_as_it_parks_completes(shm_imgs):

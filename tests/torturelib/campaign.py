@@ -417,20 +417,18 @@ class Campaign:
         limit = self.setup.timeout + self.margin + HARD_LIMIT
         for op in list(self.tracker.running.values()):
             if now - op.started > limit:
-                self.violation("hang", f"{op.kind} at {op.offset} length {op.length} "
-                               f"still running after {now - op.started:.1f} s: worker killed "
-                               "(its stacks and engine state: worker.log)")
-                self.channel.diagnose()
-                self.crash("hang")
+                self.hung(f"{op.kind} at {op.offset} length {op.length}", now - op.started)
                 return
         for cid, (name, started) in list(self.controls.items()):
             if now - started > CONTROL_LIMIT:
-                self.violation("hang", f"control command {name} still running after "
-                               f"{now - started:.0f} s: worker killed (its stacks and "
-                               "engine state: worker.log)")
-                self.channel.diagnose()
-                self.crash("hang")
+                self.hung(f"control command {name}", now - started)
                 return
+
+    def hung(self, what, seconds):
+        self.violation("hang", f"{what} still running after {seconds:.1f} s: worker "
+                       "killed (its stacks and engine state: worker.log)")
+        self.channel.diagnose()
+        self.crash("hang")
 
     # ------------------------------------------------------------- messages
     def handle(self, msg):
