@@ -40,13 +40,17 @@ uint32_t qb_dio_align(int fd, bool blockdev, bool buffered)
 	return 512;
 }
 
-/* tmpfs and ramfs: reads and writes are copies that never wait, and the
- * kernel offers io_uring no non-blocking attempt for them. */
+/* A file on tmpfs or ramfs: reads and writes are copies that never wait,
+ * and the kernel offers io_uring no non-blocking attempt for them. Only a
+ * regular file: a device node lives on devtmpfs too, and its I/O can wait
+ * for ever (a hung disk, a suspended dm device). */
 bool qb_is_memory_fs(int fd)
 {
 	struct statfs fs;
+	struct stat st;
 
-	return fstatfs(fd, &fs) == 0 &&
+	return fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+	       fstatfs(fd, &fs) == 0 &&
 	       ((unsigned long)fs.f_type == TMPFS_MAGIC ||
 		(unsigned long)fs.f_type == RAMFS_MAGIC);
 }

@@ -546,6 +546,7 @@ void qb_quorum_counters(struct qb_quorum *q, struct qb_counters *dev,
 		rep[i].timeouts += __atomic_load_n(&q->rep[i].meta_timeouts,
 						   __ATOMIC_RELAXED);
 		rep[i].owed = __atomic_load_n(&q->rep[i].owed, __ATOMIC_RELAXED);
+		rep[i].in_thread = (uint64_t)q->rep[i].memory_fs;
 		rep[i].state = (uint64_t)__atomic_load_n(&q->rep[i].state,
 							 __ATOMIC_ACQUIRE);
 	}

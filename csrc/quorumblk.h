@@ -105,6 +105,9 @@ struct qb_counters {
 	uint64_t late;			/* replica only: abandoned I/Os that came back */
 	uint64_t owed;			/* replica only: abandoned I/Os not back yet */
 	uint64_t state;			/* replica only: enum qb_replica_state */
+	uint64_t in_thread;		/* replica only: 1 when its reads and
+				   writes are copies done in the calling
+				   thread (a file in RAM), not on io_uring */
 };
 
 struct qb_event {

@@ -290,6 +290,7 @@ class Quorum:
         for i in range(len(self.paths)):
             d = {k: getattr(reps[i], k) for k in REPLICA_COUNTERS}
             d["state"] = REPLICA_STATES[reps[i].state]
+            d["io"] = "in-thread" if reps[i].in_thread else "io_uring"
             replicas.append(d)
         return device, replicas
 

@@ -6,7 +6,11 @@ failing every I/O under load. Each time the device goes on with the others
 within the replica timeout plus a margin, the late answers are counted and
 must all have come back before the replica rejoins, and after the readd (or
 replace) the replicas' data areas are identical."""
+import json
+import mmap
+import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -200,3 +204,92 @@ def test_a_replica_that_turns_to_errors_under_load_rejoins_after_it_heals(
     assert states(info["id"]) == ["in-service"] * 3
     assert qb("del", info["id"]).returncode == 0
     data_identical(paths, size)
+
+
+def _in_thread(fn):
+    """Run fn in a thread; the thread (and the time it took) once it ends.
+    An I/O stuck in the kernel cannot be killed: the caller waits a bounded
+    time, then lets the replica go, which frees it."""
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+        except OSError as e:
+            out["error"] = e
+        out["took"] = time.monotonic() - t0
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _diagnosis(dev_id):
+    """For a request that does not end: the device's state, and where the
+    daemon's threads and this process's are in the kernel."""
+    st = status(dev_id)
+    lines = [json.dumps({k: st.get(k) for k in ("replicas", "events", "pid")},
+                        default=str)[:6000]]
+    for pid in (st.get("pid"), os.getpid()):
+        for task in sorted(os.listdir(f"/proc/{pid}/task")) if pid else ():
+            base = f"/proc/{pid}/task/{task}"
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"{base}/stack") as f:
+                    stack = f.read().strip().replace("\n", " | ")
+            except OSError as e:
+                comm, stack = "?", str(e)
+            lines.append(f"{pid}/{task} {comm}: {stack}")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("op", ["flush", "fua-write", "read", "status"])
+def test_a_hung_replica_holds_no_request_of_any_kind_past_the_timeout(
+        dm_replica, cli, op):
+    """Found by the device campaign (seed 24): with a replica suspended, a
+    flush and a FUA write stayed blocked until it came back. Each kind of
+    request is the first to meet the hung replica here (writes have their
+    own test above), and each ends within the timeout plus a margin; the
+    daemon answers `status` meanwhile."""
+    timeout = 2
+    devs = [dm_replica(64 * MIB) for _ in range(3)]
+    hung = devs[2]
+    info = cli("-t", "2", "--timeout", str(timeout), "--read-policy", "all",
+               *[d.path for d in devs])
+    dev, dev_id = info["path"], info["id"]
+    written, _ = dd_write(dev, 0, 4, seed=5)     # the region is marked
+    buf = mmap.mmap(-1, BS)
+    buf.write(written[:BS])
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    actions = {
+        "flush": lambda: os.fsync(fd),
+        "fua-write": lambda: os.pwritev(fd, [buf], 0, os.RWF_DSYNC),
+        "read": lambda: os.preadv(fd, [buf], BS),
+        "status": lambda: status(dev_id),
+    }
+    drop_caches()
+    hung.suspend()
+    try:
+        t, out = _in_thread(actions[op])
+        t.join(timeout + MARGIN)
+        still = t.is_alive()
+        if still:
+            print(_diagnosis(dev_id))
+        answered = None if op == "status" else _in_thread(lambda: status(dev_id))
+        if answered:
+            answered[0].join(MARGIN)
+    finally:
+        hung.resume()
+    t.join(120)
+    os.close(fd)
+    print(f"\n{op} with a hung replica: {out.get('took', 0):.1f} s")
+    assert not still, f"{op} still blocked {timeout + MARGIN:.0f} s after it began " \
+                      f"(it ended {out.get('took', 0):.1f} s in, when the replica came back)"
+    assert "error" not in out, out["error"]
+    if answered:
+        assert not answered[0].is_alive(), "the daemon did not answer status meanwhile"
+    if op != "status":
+        assert [(e["replica"], e["errno"]) for e in failed_events(dev_id)] == \
+            [(2, "ETIMEDOUT")]
+    assert qb("del", dev_id).returncode == 0
