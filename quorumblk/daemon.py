@@ -32,6 +32,7 @@ RECENT_EVENTS = 100
 LIFECYCLE = ("job", "scrub", "readd", "replace", "add-replica", "remove-replica")
 START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
 DEVICE_MAX_IO = 512 * 1024
+REPLICAS_REFUSED = 10       # cli's exit status for refused replicas
 
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
@@ -46,26 +47,38 @@ def _device_module():
     return device
 
 
-def open_quorum(replicas, threshold, engine, reuse=None):
-    """Open the replica set: its metadata first (a new set is created on
-    replicas without any; quorumblk.meta), then the engine, whose refusals
-    come out as QuorumError. Returns (quorum, plan, warnings as text); the
-    plan is not acted on yet (see prepare). reuse: the id of a device whose
-    replicas these may be (recover)."""
+def check_set(replicas, threshold, engine, reuse=None):
+    """Every check of the replicas themselves, writing nothing: the
+    threshold, replicas another device uses (other than device reuse:
+    recover), what the engine refuses (paths, sizes, duplicates, direct
+    I/O), and their metadata (quorumblk.meta: a new set is only planned).
+    Returns (plan, warnings as text)."""
+    if not 1 <= threshold <= len(replicas):
+        raise CommandError(f"threshold {threshold} out of range: it must be 1 to "
+                           f"{len(replicas)} (the number of replicas)",
+                           exit_code=REPLICAS_REFUSED)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # the engine checks the set (paths, threshold, sizes, duplicates,
-        # direct I/O) before its metadata is read or written
         check_free([runtime.replica_identity(p) for p in replicas
                     if os.path.exists(p)], skip=reuse)
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
-        plan = meta.assemble([str(p) for p in replicas], threshold)
-        q = Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
+        plan = meta.assemble([str(p) for p in replicas], threshold, write=False)
     msgs = [str(w.message) for w in caught]
     if plan.missing:
         msgs.append(f"{len(plan.missing)} member(s) of the set not given: the "
                     "device runs degraded until they are back (quorumblk readd)")
-    return q, plan, msgs
+    return plan, msgs
+
+
+def open_set(replicas, threshold, engine, plan):
+    """The first write to the replicas, once every check has passed: a new
+    set is made (image files grow, headers are written); then the engine
+    opens them. The plan is not acted on further yet (see prepare)."""
+    if plan.created:
+        meta.commit([str(p) for p in replicas], plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # check_set said them already
+        return Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
 
 
 def prepare(q, plan, progress=None):
@@ -102,11 +115,11 @@ def check_free(idents, skip=None):
             f"(/dev/ublkb{other})")
 
 
-def check_add(q, dev_id):
+def check_add(replicas, dev_id):
     """Everything about an add that is not the engine's: replicas already
     serving another device, the id, the driver. Returns the replicas'
     identities."""
-    idents = [runtime.replica_identity(p) for p in q.paths]
+    idents = [runtime.replica_identity(p) for p in replicas]
     check_free(idents)
     if dev_id is not None and dev_id >= 0:
         why = runtime.id_in_use(dev_id)
@@ -444,32 +457,38 @@ def _notify_systemd(text):
 def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
     """Validate, start the device, and either serve it here (foreground,
     returns the daemon's exit status when it stops) or detach a daemon
-    (returns the device's {"id", "path", "pid"} once it is LIVE)."""
+    (returns the device's {"id", "path", "pid"} once it is LIVE).
+
+    Every check runs under the add lock, and nothing is written to a
+    replica before all of them have passed: a refused add leaves the images
+    as they were, and two adds of the same bare images cannot both make a
+    set of them."""
     runtime.require_root("quorumblk add")
-    if _recovers(replicas, devopts.get("dev_id")):
-        if warn:
-            warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
-                 "recovering it instead")
-        return recover(devopts["dev_id"], foreground=foreground, warn=warn,
-                       threshold=threshold, engine=engine)
-    q, plan, warns = open_quorum(replicas, threshold, engine)
+    replicas = [os.path.abspath(p) for p in replicas]
+    lock = runtime.AddLock().acquire()
+    q = None
     try:
+        if _recovers(replicas, devopts.get("dev_id")):
+            if warn:
+                warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
+                     "recovering it instead")
+            return recover(devopts["dev_id"], foreground=foreground, warn=warn,
+                           threshold=threshold, engine=engine, lock=lock)
+        plan, warns = check_set(replicas, threshold, engine)
         for w in warns:
             if warn:
                 warn(w)
-        lock = runtime.AddLock().acquire()
-        try:
-            idents = check_add(q, devopts.get("dev_id"))
-            report = prepare(q, plan)
-            if warn and report["reason"] != "none":
-                warn(describe_resync(report))
-            if foreground:
-                return _run_foreground(q, idents, engine, devopts, lock, report)
-            return _detach(q, idents, engine, devopts, lock, report)
-        finally:
-            lock.release()
+        idents = check_add(replicas, devopts.get("dev_id"))
+        q = open_set(replicas, threshold, engine, plan)
+        report = prepare(q, plan)
+        if warn and report["reason"] != "none":
+            warn(describe_resync(report))
+        if foreground:
+            return _run_foreground(q, idents, engine, devopts, lock, report)
+        return _detach(q, idents, engine, devopts, lock, report)
     finally:
-        if q._q is not None and not foreground:
+        lock.release()
+        if q is not None and q._q is not None and not foreground:
             q.close()
 
 
@@ -780,7 +799,8 @@ def _recovers(replicas, dev_id):
     return _orphan_state(st)["state"] == "quiesced"
 
 
-def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
+def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
+            lock=None):
     """Serve again device dev whose daemon died (the kernel holds it
     quiesced; I/O issued meanwhile waits). The replicas, threshold and
     options come from its state file (threshold and engine override them);
@@ -788,10 +808,10 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
     vote of every region the write-intent bitmap says may differ) before the
     device serves again. Then, as add: serve here (foreground: returns the
     daemon's exit status) or detach a daemon (returns {"id", "path", "pid"}
-    once the device is LIVE)."""
+    once the device is LIVE). lock: the add lock when the caller holds it."""
     runtime.require_root("quorumblk recover")
     dev_id = runtime.parse_dev(dev)
-    lock = runtime.AddLock().acquire()
+    lock = lock or runtime.AddLock().acquire()
     q = None
     try:
         st = _recoverable(dev_id)
@@ -801,13 +821,13 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
         devopts = {k: opts.get(k) for k in DEVICE_KEYS}
         devopts["dev_id"] = dev_id
         theirs = st.get("replicas", [])
-        q, plan, warns = open_quorum([r["path"] for r in theirs],
-                                     threshold or st["threshold"], engine,
-                                     reuse=dev_id)
+        paths = [r["path"] for r in theirs]
+        threshold = threshold or st["threshold"]
+        plan, warns = check_set(paths, threshold, engine, reuse=dev_id)
         for w in warns:
             if warn:
                 warn(w)
-        idents = [runtime.replica_identity(p) for p in q.paths]
+        idents = [runtime.replica_identity(p) for p in paths]
         for mine, old in zip(idents, theirs):
             if not runtime.same_replica(mine, old):
                 raise runtime.NotRecoverableError(
@@ -817,6 +837,7 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
         ok, reason = _device_module().ublk_available()
         if not ok:
             raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+        q = open_set(paths, threshold, engine, plan)
         report = prepare(q, plan)
         if warn and report["reason"] != "none":
             warn(describe_resync(report))

@@ -1,0 +1,119 @@
+"""Safe commands (issue 9), on the host with only the kernel faked
+(tests/fake_ublk_cli.py), through the real command and daemon: a refused
+add changes no replica, and adds of the same images are serialised by the
+add lock."""
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_images
+from test_cli import FAKE, alive, devices, nodes, qb, reps, rundir, wait_dead  # noqa: F401
+from quorumblk import meta
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def files(paths):
+    """Each file's size and the hash of all its bytes (metadata included)."""
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            out.append((os.path.getsize(p), hashlib.sha256(f.read()).hexdigest()))
+    return out
+
+
+def set_uuid(path):
+    m, _ = meta.read(str(path))
+    return None if m is None else meta.uuid_text(m.set_uuid)
+
+
+# -- a refused add changes nothing --
+
+@pytest.mark.skipif(os.path.exists("/dev/ublk-control"),
+                    reason="this host has ublk: no refusal for a missing driver here")
+def test_add_refused_for_no_ublk_leaves_the_images_byte_identical(reps, rundir):
+    before = files(reps)
+    assert all(set_uuid(p) is None for p in reps), "premise: bare images"
+    p = qb("add", "-t", "2", *reps)
+    assert p.returncode == 4, p.stderr
+    assert files(reps) == before
+
+
+def test_add_refused_for_an_id_in_use_leaves_the_images_byte_identical(tmp_path, reps,
+                                                                       devices):
+    devices("-t", "2", "--id", "0", *reps)
+    extra = make_images(tmp_path, 3, size=1 << 20, names=["x.img", "y.img", "z.img"])
+    before = files(extra)
+    p = qb("add", "-t", "2", "--id", "0", *extra, fake=True)
+    assert p.returncode == 6, p.stderr
+    assert files(extra) == before
+
+
+def test_add_refused_for_a_replica_in_use_leaves_the_others_byte_identical(tmp_path, reps,
+                                                                           devices):
+    devices("-t", "2", *reps)
+    extra = make_images(tmp_path, 2, size=1 << 20, names=["x.img", "y.img"])
+    before = files(extra)
+    p = qb("add", "-t", "2", extra[0], extra[1], reps[0], fake=True)
+    assert p.returncode == 5, p.stderr
+    assert files(extra) == before
+
+
+def _holds(pid, path):
+    """Whether process pid has path open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_adds_of_the_same_bare_images_wait_for_the_lock_and_only_one_makes_a_set(
+        reps, rundir, nodes):
+    rundir.mkdir(mode=0o700)
+    lock = rundir / "add.lock"
+    before = files(reps)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    procs = []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, FAKE, "add", "--json", "-t", "2", *reps],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        # the premise: both adds wait for the lock (they have it open)
+        deadline = time.monotonic() + 30
+        while not all(_holds(p.pid, lock) for p in procs):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the adds never reached the lock"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert all(p.poll() is None for p in procs)
+        assert files(reps) == before, "an add waiting for the lock changed the images"
+    finally:
+        os.close(fd)
+    outs = [p.communicate(timeout=60) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    try:
+        assert codes == [0, 5], outs
+        assert "already used by quorumblk device 0" in "".join(e for _o, e in outs)
+        uuids = {set_uuid(p) for p in reps}
+        assert len(uuids) == 1 and None not in uuids
+    finally:
+        for p, (out, _err) in zip(procs, outs):
+            if p.returncode == 0:
+                pid = json.loads(out)["pid"]
+                assert qb("del", "0").returncode == 0
+                assert wait_dead(pid)
