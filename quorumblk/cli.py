@@ -8,6 +8,7 @@ error into `quorumblk: <message>` on stderr and the error's exit status
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -350,6 +351,15 @@ def cmd_recover(args):
     return 0
 
 
+def _replica(text):
+    """A replica given on the command line, as the daemon (which works from
+    /) needs it: an index (digits that name no file here) or an absolute
+    path, made absolute here, where a relative one means something."""
+    if text.isdigit() and not os.path.exists(text):
+        return int(text)
+    return os.path.abspath(text)
+
+
 def _start_job(args, command, **params):
     runtime.require_root(f"quorumblk {command}")
     st = runtime.find(args.dev)
@@ -442,25 +452,26 @@ def _describe_fill(r, job):
 
 
 def cmd_readd(args):
-    return _finish(_start_job(args, "readd", replica=args.replica), args.json,
-                   _describe_fill)
+    return _finish(_start_job(args, "readd", replica=_replica(args.replica)),
+                   args.json, _describe_fill)
 
 
 def cmd_replace(args):
-    return _finish(_start_job(args, "replace", old=args.old, new=args.new),
+    return _finish(_start_job(args, "replace", old=_replica(args.old),
+                              new=os.path.abspath(args.new)),
                    args.json, _describe_fill)
 
 
 def cmd_add_replica(args):
-    return _finish(_start_job(args, "add-replica", replica=args.new), args.json,
-                   _describe_fill)
+    return _finish(_start_job(args, "add-replica", replica=os.path.abspath(args.new)),
+                   args.json, _describe_fill)
 
 
 def cmd_remove_replica(args):
     runtime.require_root("quorumblk remove-replica")
     st = runtime.find(args.dev)
     res = runtime.request(st["id"], "remove-replica",
-                          args={"replica": args.replica})["result"]
+                          args={"replica": _replica(args.replica)})["result"]
     print(json.dumps(res, sort_keys=True) if args.json else
           f"removed {res['removed']} from {st['path']}")
     return 0

@@ -192,12 +192,21 @@ class Daemon:
 
     def replicas_changed(self):
         """A replica joined or left (lifecycle): the state file follows, so
-        that other devices see which replicas this one uses."""
-        for p in self.q.paths[len(self.idents):]:
-            self.idents.append(runtime.replica_identity(p))
+        that other devices see which replicas this one uses. Never raises:
+        the change is made, and a replica that cannot be looked at keeps its
+        old identity (or a placeholder that matches no other file)."""
         for i, p in enumerate(self.q.paths):
-            if p != self.idents[i]["path"]:
-                self.idents[i] = runtime.replica_identity(p)
+            if i < len(self.idents) and p == self.idents[i]["path"]:
+                continue
+            try:
+                ident = runtime.replica_identity(p)
+            except OSError as e:
+                log(f"replica {i}: {p}: {e.strerror or e}")
+                ident = {"path": p, "kind": "file", "rdev": 0, "dev": -1, "ino": -1}
+            if i < len(self.idents):
+                self.idents[i] = ident
+            else:
+                self.idents.append(ident)
         try:
             runtime.write_state(self.state())
         except OSError as e:

@@ -78,6 +78,23 @@ def _answer_within(call, seconds, what):
     return out["value"]
 
 
+def _name(name, index=True):
+    """A replica as a request names it: an index (an int, or digits) or an
+    absolute path. A relative path is refused: the daemon works from /, so
+    the command makes paths absolute where they are given."""
+    if index and isinstance(name, int) and not isinstance(name, bool) and name >= 0:
+        return name
+    if not isinstance(name, str) or not name:
+        raise LifecycleError(f"{name!r} names no replica: give " +
+                             ("its index or " if index else "") + "its path")
+    if index and name.isdigit():
+        return int(name)
+    if not os.path.isabs(name):
+        raise LifecycleError(f"{name} is a relative path, and the daemon works from "
+                             "/: give an absolute path")
+    return name
+
+
 class Job:
     """One long operation and its progress, as `status` and the commands
     that follow it see it."""
@@ -127,14 +144,14 @@ class Lifecycle:
 
     # -- looking things up --
     def replica(self, name):
-        """A replica given as its index or a path naming it."""
+        """A replica given as its index or an absolute path naming it."""
         paths = self.q.paths
         states = self.q.replica_states()
-        text = str(name)
-        if text.isdigit() and int(text) < len(paths):
-            i = int(text)
+        name = _name(name)
+        if isinstance(name, int):
+            i = name if name < len(paths) else None
         else:
-            i = self._by_path(text)
+            i = self._by_path(name)
         if i is None or states[i] == "removed":
             raise LifecycleError(
                 f"{name} is not a replica of this device (replicas: " +
@@ -279,7 +296,7 @@ class Lifecycle:
         """An empty image joins: all of the device is copied to it."""
         self._check_idle()
         q = self.q
-        path = os.path.abspath(path)
+        path = _name(path, index=False)
         if self._by_path(path) is not None and \
                 q.replica_states()[self._by_path(path)] != "removed":
             raise LifecycleError(f"{path} is already a replica of this device")
@@ -340,14 +357,16 @@ class Lifecycle:
             time.sleep(0.1)
 
     def _path_of(self, name):
-        """The path to open for a readd: a path as given, or the path the
-        replica had (by index)."""
-        text = str(name)
-        if text.isdigit() and int(text) < len(self.q.paths) and not os.path.exists(text):
-            return self.q.paths[int(text)]
-        if not os.path.exists(text):
-            raise LifecycleError(f"{text}: no such file or device")
-        return os.path.abspath(text)
+        """The path to open for a readd: an absolute path as given, or the
+        path the replica had (by index)."""
+        name = _name(name)
+        if isinstance(name, int):
+            if name >= len(self.q.paths):
+                raise LifecycleError(f"this device has no replica {name}")
+            return self.q.paths[name]
+        if not os.path.exists(name):
+            raise LifecycleError(f"{name}: no such file or device")
+        return name
 
     def _check_free(self, path):
         try:

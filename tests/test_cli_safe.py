@@ -117,3 +117,80 @@ def test_adds_of_the_same_bare_images_wait_for_the_lock_and_only_one_makes_a_set
                 pid = json.loads(out)["pid"]
                 assert qb("del", "0").returncode == 0
                 assert wait_dead(pid)
+
+
+# -- paths are made absolute where they are given --
+
+def qb_in(cwd, *args, env=None):
+    """The command (kernel faked) run from cwd."""
+    return subprocess.run([sys.executable, FAKE] + [str(a) for a in args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **(env or {})))
+
+
+def state_paths(rundir):
+    return [r["path"] for r in json.loads((rundir / "0.json").read_text())["replicas"]]
+
+
+def test_replica_commands_with_relative_paths_on_a_running_device(tmp_path, rundir, nodes):
+    d = tmp_path / "here"
+    d.mkdir()
+    a, b, c, new1, new2 = make_images(d, 5, size=1 << 20,
+                                      names=["a.img", "b.img", "c.img", "d.img", "e.img"])
+    for p in (new1, new2):
+        os.truncate(p, 0)
+        os.truncate(p, 1 << 20)
+    cwd = str(d)
+    p = qb_in(cwd, "add", "--json", "-t", "2", "a.img", "b.img", "c.img")
+    assert p.returncode == 0, p.stderr
+    pid = json.loads(p.stdout)["pid"]
+    try:
+        assert state_paths(rundir) == [a, b, c]
+        p = qb_in(cwd, "remove-replica", "0", "c.img")
+        assert p.returncode == 0, p.stderr
+        assert f"removed {c}" in p.stdout
+        assert state_paths(rundir) == [a, b]
+        p = qb_in(cwd, "add-replica", "0", "d.img")
+        assert p.returncode == 0, p.stderr
+        assert state_paths(rundir) == [a, b, new1]
+        p = qb_in(cwd, "replace", "0", "b.img", "e.img")
+        assert p.returncode == 0, p.stderr
+        assert state_paths(rundir) == [a, new1, new2]
+        s = json.loads(qb_in(cwd, "status", "--json", "0").stdout)
+        assert [(r["path"], r["state"]) for r in s["replicas"]] == [
+            (a, "in-service"), (b, "removed"), (c, "removed"), (new1, "in-service"),
+            (new2, "in-service")]
+    finally:
+        assert qb_in(cwd, "del", "0").returncode == 0
+        assert wait_dead(pid)
+    # readd, relative: a member not given at add comes back
+    p = qb_in(cwd, "add", "--json", "-t", "2", "a.img", "d.img")
+    assert p.returncode == 0, p.stderr
+    pid = json.loads(p.stdout)["pid"]
+    try:
+        assert "not given" in p.stderr
+        p = qb_in(cwd, "readd", "0", "e.img")
+        assert p.returncode == 0, p.stderr
+        assert state_paths(rundir) == [a, new1, new2]
+        s = json.loads(qb_in(cwd, "status", "--json", "0").stdout)
+        assert [r["state"] for r in s["replicas"]] == ["in-service"] * 3
+    finally:
+        assert qb_in(cwd, "del", "0").returncode == 0
+        assert wait_dead(pid)
+
+
+def test_the_daemon_refuses_a_relative_path_it_cannot_resolve(reps, devices, rundir):
+    import socket
+
+    devices("-t", "2", *reps)
+    for command, args in (("add-replica", {"replica": "d.img"}),
+                          ("remove-replica", {"replica": "c.img"}),
+                          ("readd", {"replica": "c.img"})):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(rundir / "0.sock"))
+            s.sendall(json.dumps({"command": command, "args": args}).encode() + b"\n")
+            answer = json.loads(s.makefile().readline())
+        assert answer["ok"] is False and "relative path" in answer["error"], answer
+    s = json.loads(qb("status", "--json", "0").stdout)
+    assert [r["state"] for r in s["replicas"]] == ["in-service"] * 3
