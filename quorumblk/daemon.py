@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import warnings
 
 from . import lifecycle, meta, runtime
@@ -277,7 +278,14 @@ class Daemon:
             conn.setblocking(True)
             conn.settimeout(2.0)
             try:
-                answer = self._answer(conn)
+                try:
+                    answer = self._answer(conn)
+                except Exception as e:  # a handler's bug never stops the device
+                    log(f"control: answering a request failed: {e!r}\n" +
+                        traceback.format_exc())
+                    answer = {"ok": False, "error": f"internal error: {e!r} (the "
+                              "device goes on; the daemon's log has the details)",
+                              "exit_code": 1}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
             except OSError as e:
                 log(f"control: {e}")
@@ -296,9 +304,15 @@ class Daemon:
             data += chunk
         try:
             req = json.loads(data)
-            command = req.get("command")
-        except (ValueError, AttributeError):
-            return {"ok": False, "error": "bad request"}
+        except ValueError:
+            return _bad("not a JSON line")
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return _bad('not an object with a "command" string')
+        command, args = req["command"], req.get("args")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return _bad(f'"args" of {command!r} must be an object, not {args!r}')
         if command == "status":
             return {"ok": True, "status": self.status()}
         if command == "stop":
@@ -306,32 +320,45 @@ class Daemon:
             self.stop_reason = "del"
             return {"ok": True, "stopping": True, "pid": os.getpid()}
         if command in LIFECYCLE:
-            return self._lifecycle(command, req.get("args") or {})
-        return {"ok": False, "error": f"unknown command {command!r}"}
+            return self._lifecycle(command, args)
+        return {"ok": False, "error": f"unknown command {command!r}", "exit_code": 2}
 
     def _lifecycle(self, command, args):
-        """readd, replace, add-replica, remove-replica, scrub, job: the
-        refusals come back with their exit codes."""
+        """readd, replace, add-replica, remove-replica, scrub, job, cancel:
+        the refusals come back with their exit codes."""
         life = self.life
+        rate = args.get("rate")
+        if rate is not None and (isinstance(rate, bool) or
+                                 not isinstance(rate, (int, float)) or
+                                 not 1 <= rate < float("inf")):
+            return _bad(f"rate {rate!r} is not a number of bytes per second (>= 1)")
+        repair = args.get("repair", True)
+        if not isinstance(repair, bool):
+            return _bad(f"repair {repair!r} is not true or false")
+        need = {"readd": ("replica",), "add-replica": ("replica",),
+                "remove-replica": ("replica",), "replace": ("old", "new")}
+        missing = [k for k in need.get(command, ()) if k not in args]
+        if missing:
+            return _bad(f"{command} needs {' and '.join(missing)}")
         try:
             if command == "job":
                 job = life.job
+            elif command == "cancel":
+                job = life.cancel()
             elif command == "remove-replica":
                 return {"ok": True, "result": life.remove_replica(args["replica"])}
             elif command == "scrub":
-                job = life.scrub(repair=args.get("repair", True), rate=args.get("rate"))
+                job = life.scrub(repair=repair, rate=rate)
             elif command == "readd":
-                job = life.readd(args["replica"], rate=args.get("rate"))
+                job = life.readd(args["replica"], rate=rate)
             elif command == "add-replica":
-                job = life.add_replica(args["replica"], rate=args.get("rate"))
+                job = life.add_replica(args["replica"], rate=rate)
             else:
-                job = life.replace(args["old"], args["new"], rate=args.get("rate"))
+                job = life.replace(args["old"], args["new"], rate=rate)
         except CommandError as e:
             return {"ok": False, "error": str(e), "exit_code": e.exit_code}
         except QuorumError as e:
             return {"ok": False, "error": str(e), "exit_code": lifecycle.REFUSED}
-        except (KeyError, TypeError) as e:
-            return {"ok": False, "error": f"bad request: {e!r}", "exit_code": 2}
         except OSError as e:
             return {"ok": False, "error": f"{e.filename or ''} {e.strerror or e}".strip(),
                     "exit_code": 1}
@@ -394,6 +421,10 @@ class Daemon:
             status = 1
         log(f"device {self.dev.id} stopped")
         return status
+
+
+def _bad(why):
+    return {"ok": False, "error": f"bad request: {why}", "exit_code": 2}
 
 
 def log(msg):

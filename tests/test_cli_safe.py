@@ -194,3 +194,51 @@ def test_the_daemon_refuses_a_relative_path_it_cannot_resolve(reps, devices, run
         assert answer["ok"] is False and "relative path" in answer["error"], answer
     s = json.loads(qb("status", "--json", "0").stdout)
     assert [r["state"] for r in s["replicas"]] == ["in-service"] * 3
+
+
+# -- a malformed or unexpected request gets an error, the device goes on --
+
+def ask(rundir, raw):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(rundir / "0.sock"))
+        s.sendall(raw)
+        return json.loads(s.makefile().readline())
+
+
+BAD_REQUESTS = [
+    b"not json\n", b"\xff\xfe\x00\n", b"\n", b"[]\n", b'"scrub"\n', b"42\n",
+    b'{"command": 5}\n', b'{"args": {}}\n', b'{"command": "explode"}\n',
+    b'{"command": "scrub", "args": [1]}\n',
+    b'{"command": "scrub", "args": "all"}\n',
+    b'{"command": "scrub", "args": {"rate": "fast"}}\n',
+    b'{"command": "scrub", "args": {"rate": -1}}\n',
+    b'{"command": "scrub", "args": {"rate": true}}\n',
+    b'{"command": "scrub", "args": {"repair": "no"}}\n',
+    b'{"command": "readd", "args": {}}\n',
+    b'{"command": "readd", "args": {"replica": [1]}}\n',
+    b'{"command": "readd", "args": {"replica": null}}\n',
+    b'{"command": "replace", "args": {"old": 0}}\n',
+    b'{"command": "replace", "args": {"old": {}, "new": 3}}\n',
+    b'{"command": "add-replica", "args": {"replica": 1}}\n',
+    b'{"command": "remove-replica", "args": {"replica": 99}}\n',
+    b'{"command": "remove-replica", "args": {"replica": -1}}\n',
+    b'{"command": "remove-replica", "args": {"replica": true}}\n',
+    b'{"command": "remove-replica", "args": {"replica": 1.5}}\n',
+]
+
+
+def test_malformed_requests_get_an_error_and_the_device_goes_on(reps, devices, rundir):
+    info = devices("-t", "2", *reps)
+    for raw in BAD_REQUESTS:
+        answer = ask(rundir, raw)
+        assert answer["ok"] is False and answer["error"], (raw, answer)
+        assert "Traceback" not in answer["error"]
+        assert alive(info["pid"]), f"{raw!r} stopped the daemon"
+    s = json.loads(qb("status", "--json", "0").stdout)
+    assert s["state"] == "live" and s["pid"] == info["pid"]
+    assert [r["state"] for r in s["replicas"]] == ["in-service"] * 3
+    assert s["job"] is None
+    assert (rundir / "0.json").exists() and (rundir / "0.sock").exists()
