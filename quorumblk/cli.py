@@ -226,6 +226,22 @@ def build_parser():
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=cmd_remove_replica)
 
+    jb = sub.add_parser("job", help="show or cancel the job running on a device",
+                        description="The job (scrub, readd, replace, add-replica) "
+                        "that runs on DEV: `show` prints it, `cancel` stops it at "
+                        "its next step and waits until it has stopped. A cancelled "
+                        "readd leaves its replica out of service (readd it again "
+                        "later); a cancelled add-replica or replace removes the new "
+                        "replica from the set (the old one stays).")
+    jsub = jb.add_subparsers(dest="job_command", metavar="ACTION")
+    jsub.required = True
+    for name, func, text in (("show", cmd_job_show, "print the job"),
+                             ("cancel", cmd_job_cancel, "cancel the job")):
+        jp = jsub.add_parser(name, help=text)
+        _dev_arg(jp)
+        jp.add_argument("--json", action="store_true", help="print JSON")
+        jp.set_defaults(func=func)
+
     rc = sub.add_parser(
         "recover", help="serve a device again after its daemon died",
         description="Serve DEV again after its daemon died (kill -9, a crash): the "
@@ -422,6 +438,9 @@ def _finish(job, as_json, describe):
         return 0
     if as_json:
         print(json.dumps({"type": "result", **job}, sort_keys=True))
+    if job["state"] == "cancelled":
+        raise CommandError(f"{job['what']} was cancelled: {job['error']}",
+                           exit_code=JOB_FAILED)
     if job["state"] != "done":
         raise CommandError(f"{job['what']} failed: {job['error']}", exit_code=JOB_FAILED)
     if not as_json:
@@ -465,6 +484,43 @@ def cmd_replace(args):
 def cmd_add_replica(args):
     return _finish(_start_job(args, "add-replica", replica=os.path.abspath(args.new)),
                    args.json, _describe_fill)
+
+
+def _job_line(job):
+    line = (f"{job['what']}: {job['state']}, {job['percent']}% of "
+            f"{_mib(job['total_bytes'])} in {job['seconds']:.1f} s")
+    if job["error"]:
+        line += f": {job['error']}"
+    r = job.get("result") or {}
+    if job["state"] == "cancelled" and r.get("state"):
+        line += f"; {r['replica']} is {r['state']}"
+    return line
+
+
+def cmd_job_show(args):
+    runtime.require_root("quorumblk job")
+    st = runtime.find(args.dev)
+    job = runtime.request(st["id"], "job")["job"]
+    if args.json:
+        print(json.dumps(job, sort_keys=True))
+    else:
+        print(_job_line(job) if job else f"no job has run on {st['path']}")
+    return 0
+
+
+def cmd_job_cancel(args, timeout=60.0):
+    runtime.require_root("quorumblk job cancel")
+    st = runtime.find(args.dev)
+    job = runtime.request(st["id"], "cancel")["job"]
+    deadline = time.monotonic() + timeout
+    while job["state"] == "running":
+        if time.monotonic() > deadline:
+            raise runtime.DaemonError(f"{job['what']} was asked to stop and still "
+                                      f"runs {timeout:.0f} s later")
+        time.sleep(0.1)
+        job = runtime.request(st["id"], "job")["job"]
+    print(json.dumps(job, sort_keys=True) if args.json else _job_line(job))
+    return 0
 
 
 def cmd_remove_replica(args):

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -242,3 +243,81 @@ def test_malformed_requests_get_an_error_and_the_device_goes_on(reps, devices, r
     assert [r["state"] for r in s["replicas"]] == ["in-service"] * 3
     assert s["job"] is None
     assert (rundir / "0.json").exists() and (rundir / "0.sock").exists()
+
+
+# -- job cancel --
+
+def wait_job(state, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = json.loads(qb("job", "show", "--json", "0").stdout)
+        if job["state"] == state or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def test_job_cancel_stops_a_scrub(reps, devices, rundir):
+    info = devices("-t", "2", *reps)
+    # 1 byte/s: the scrub waits after its first step, for weeks
+    p = qb("scrub", "--background", "--json", "--rate", "1", "0")
+    assert p.returncode == 0, p.stderr
+    assert wait_job("running")["state"] == "running"
+    p = qb("job", "cancel", "--json", "0")
+    assert p.returncode == 0, p.stderr
+    job = json.loads(p.stdout)
+    assert job["state"] == "cancelled" and "cancelled" in job["error"]
+    assert job["seconds"] < 20
+    p = qb("job", "cancel", "0")
+    assert p.returncode != 0 and "no job runs on this device" in p.stderr
+    s = json.loads(qb("status", "--json", "0").stdout)
+    assert s["state"] == "live" and s["pid"] == info["pid"]
+    assert s["job"]["state"] == "cancelled"
+    p = qb("scrub", "0")            # another job may start now
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("how", ["add-replica", "replace", "readd"])
+def test_job_cancel_puts_the_replica_set_back(how, tmp_path, reps, devices, rundir):
+    new = str(tmp_path / "new.img")
+    with open(new, "wb") as f:
+        f.truncate(1 << 20)
+    if how == "readd":
+        # a member that joined empty and never finished (its add-replica
+        # was cut short by the daemon's death) needs all of the device
+        info = devices("-t", "2", *reps)
+        assert qb("add-replica", "--background", "--rate", "1", "0", new).returncode == 0
+        assert wait_job("running")["state"] == "running"
+        os.kill(info["pid"], signal.SIGKILL)
+        assert wait_dead(info["pid"])
+        assert qb("del", "0", fake=True).returncode == 0
+        devices("-t", "2", *reps)                   # new is missing: failed
+        args = ["readd", "0", new]
+    elif how == "add-replica":
+        devices("-t", "2", *reps)
+        args = ["add-replica", "0", new]
+    else:
+        devices("-t", "2", *reps)
+        args = ["replace", "0", reps[1], new]
+    before = json.loads((rundir / "0.json").read_text())["replicas"]
+    p = qb(*args[:1], "--background", "--rate", "1", *args[1:])
+    assert p.returncode == 0, p.stderr
+    running = wait_job("running")
+    assert running["state"] == "running" and running["kind"] == how
+    p = qb("job", "cancel", "0")
+    assert p.returncode == 0, p.stderr
+    assert "cancelled" in p.stdout
+    s = json.loads(qb("status", "--json", "0").stdout)
+    states = {r["path"]: r["state"] for r in s["replicas"]}
+    after = json.loads((rundir / "0.json").read_text())["replicas"]
+    if how == "readd":
+        assert states[new] == "failed"      # a member still, out of service
+        assert [r["path"] for r in after] == [r["path"] for r in before] + [new]
+    else:
+        assert states[new] == "removed"
+        assert [states[r] for r in reps] == ["in-service"] * 3
+        assert after == before
+    p = qb(*args)                   # and it can be done again, to the end
+    assert p.returncode == 0, p.stderr
+    s = json.loads(qb("status", "--json", "0").stdout)
+    done = {r["path"]: r["state"] for r in s["replicas"]}
+    assert done[new] == "in-service"
