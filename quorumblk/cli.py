@@ -27,6 +27,7 @@ EXIT_CODES = """exit status:
                        11 another job (scrub, resync) runs on the device
                        12 scrub found blocks without quorum (left as they were)
                        13 not recoverable (daemon alive, device not quiesced)
+                       14 the device is in use (mounted, open): del refused
 """
 JOB_FAILED = 1
 NO_QUORUM_FOUND = 12
@@ -174,6 +175,9 @@ def build_parser():
     g.add_argument("--all", action="store_true", help="every quorumblk device")
     de.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                     help="give up waiting for the daemon after this (default 60)")
+    de.add_argument("--force", action="store_true",
+                    help="stop a device even while it is mounted or open (its "
+                    "users' I/O then fails)")
     de.add_argument("--json", action="store_true", help="print JSON")
     de.set_defaults(func=cmd_del)
 
@@ -340,7 +344,7 @@ def cmd_del(args):
     done, failed = [], []
     for t in targets:
         try:
-            done.append(daemon.delete(t, timeout=args.timeout))
+            done.append(daemon.delete(t, timeout=args.timeout, force=args.force))
         except CommandError as e:
             if not args.all:
                 raise

@@ -698,11 +698,21 @@ def device_status(dev):
     return runtime.request(st["id"], "status")["status"]
 
 
-def delete(dev, timeout=30.0):
+def delete(dev, timeout=30.0, force=False):
     """Stop device dev in order and wait until its daemon and node are gone.
-    A device whose daemon died is removed from the kernel."""
+    A device whose daemon died is removed from the kernel. Refused while the
+    device is in use (mounted, stacked on, open), unless force."""
     st = runtime.find(dev, orphans=True)
-    if not runtime.is_live(st):
+    live = runtime.is_live(st)
+    if not force:
+        # a quiesced device is not probed: an open of it could wait for I/O
+        who = runtime.holders(st["path"], skip={os.getpid(), st["pid"]}, probe=live)
+        if who:
+            raise runtime.BusyError(
+                f"device {st['id']} ({st['path']}) is in use: {'; '.join(who)}: "
+                "refused (unmount or close it first, or `quorumblk del --force` "
+                "stops it anyway: I/O then fails)")
+    if not live:
         return _delete_orphan(st, timeout)
     try:
         runtime.request(st["id"], "stop")

@@ -321,3 +321,37 @@ def test_job_cancel_puts_the_replica_set_back(how, tmp_path, reps, devices, rund
     s = json.loads(qb("status", "--json", "0").stdout)
     done = {r["path"]: r["state"] for r in s["replicas"]}
     assert done[new] == "in-service"
+
+
+# -- del refuses a device in use --
+
+def test_del_refuses_a_device_held_open_and_names_the_holder(tmp_path, reps, devices,
+                                                             rundir):
+    a = devices("-t", "2", *reps)
+    extra = make_images(tmp_path, 3, size=1 << 20, names=["x.img", "y.img", "z.img"])
+    b = devices("-t", "2", *extra)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; f = open(sys.argv[1], 'rb'); "
+                               "print('open', flush=True); time.sleep(600)", a["path"]],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"     # the premise
+        p = qb("del", "0")
+        assert p.returncode == 14, p.stderr
+        assert f"open by pid {holder.pid} (python" in p.stderr and "--force" in p.stderr
+        assert alive(a["pid"]) and os.path.exists(a["path"])
+        # --all deletes what is free, refuses what is held, says so
+        p = qb("del", "--all", "--json")
+        assert p.returncode == 14, p.stderr
+        assert [d["id"] for d in json.loads(p.stdout)] == [b["id"]]
+        assert f"open by pid {holder.pid}" in p.stderr
+        assert wait_dead(b["pid"])
+        assert alive(a["pid"])
+        s = json.loads(qb("status", "--json", "0").stdout)
+        assert s["state"] == "live"
+        p = qb("del", "--force", "0")
+        assert p.returncode == 0, p.stderr
+        assert wait_dead(a["pid"])
+    finally:
+        holder.kill()
+        holder.wait()
