@@ -159,9 +159,8 @@ class Daemon:
     def publish(self):
         """Write the runtime files: events log, socket, then the state."""
         dev_id = self.dev.id
-        self.events_file = open(runtime.events_path(dev_id),
-                                "a" if self.recovered else "w")
-        os.chmod(runtime.events_path(dev_id), 0o644)
+        self.events_file = runtime.open_private(runtime.events_path(dev_id),
+                                                append=self.recovered)
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
 
@@ -185,6 +184,7 @@ class Daemon:
         states = self.q.replica_states()
         return {"id": self.dev.id, "path": self.dev.path, "pid": os.getpid(),
                 "start_time": runtime.proc_start_time(os.getpid()),
+                "cmdline": runtime.cmdline(os.getpid()),
                 "threshold": self.q.threshold, "size": self.q.size,
                 "options": dict(self.engine, **self.devopts),
                 "replicas": [ident for ident, st in zip(self.idents, states)
@@ -624,10 +624,9 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=Fal
         d.install_signals()
         if _early_stop:
             d.stopping, d.stop_reason = True, "signal before LIVE"
-        logfd = os.open(runtime.log_path(d.dev.id),
-                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        os.dup2(logfd, 2)
-        os.close(logfd)
+        logf = runtime.open_private(runtime.log_path(d.dev.id), append=True)
+        os.dup2(logf.fileno(), 2)
+        logf.close()
         log(f"device {d.dev.id} ({d.dev.path}) {'recovered' if recover else 'live'}, "
             f"pid {os.getpid()}, "
             f"replicas {' '.join(q.paths)}, threshold {q.threshold}")
@@ -717,7 +716,12 @@ def delete(dev, timeout=30.0, force=False):
     try:
         runtime.request(st["id"], "stop")
         how = "stop request"
-    except DaemonError:
+    except DaemonError as e:
+        if not _is_daemon_of(st):
+            raise DaemonError(
+                f"{e}; and pid {st['pid']} ({' '.join(runtime.cmdline(st['pid']) or [])}) "
+                f"is not the daemon of quorumblk device {st['id']}: not signalled "
+                f"(is {runtime.state_path(st['id'])} stale?)")
         try:
             os.kill(st["pid"], signal.SIGTERM)
         except ProcessLookupError:
@@ -729,6 +733,21 @@ def delete(dev, timeout=30.0, force=False):
                           f"{how}: {', '.join(left)}")
     runtime.remove_files(st["id"])
     return {"id": st["id"], "path": st["path"], "pid": st["pid"], "deleted": True}
+
+
+def _is_daemon_of(st):
+    """Whether the pid st names is device st["id"]'s daemon: still the
+    process that wrote st (runtime.is_daemon), and, where the kernel still
+    has the device, the process it says serves it."""
+    if not runtime.is_daemon(st):
+        return False
+    if not runtime.kernel_has(st["id"]):
+        return True
+    try:
+        info = _device_module().dev_info(st["id"])
+    except (OSError, CommandError):
+        return True
+    return info["pid"] in (st["pid"], -1, 0)
 
 
 def _delete_orphan(st, timeout):

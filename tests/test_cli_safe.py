@@ -355,3 +355,87 @@ def test_del_refuses_a_device_held_open_and_names_the_holder(tmp_path, reps, dev
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- runtime files are root's alone --
+
+def test_runtime_files_are_private_and_leave_no_temporary_files(reps, devices, rundir):
+    import stat
+
+    info = devices("-t", "2", *reps)
+    assert stat.S_IMODE(os.stat(rundir).st_mode) == 0o700
+    for name in ("0.json", "0.events", "0.log", "0.sock", "add.lock"):
+        mode = stat.S_IMODE(os.lstat(rundir / name).st_mode)
+        assert mode == 0o600, (name, oct(mode))
+    assert qb("remove-replica", "0", reps[2]).returncode == 0    # rewrites 0.json
+    assert stat.S_IMODE(os.stat(rundir / "0.json").st_mode) == 0o600
+    assert sorted(os.listdir(rundir)) == ["0.events", "0.json", "0.log", "0.sock",
+                                          "add.lock"]
+    st = json.loads((rundir / "0.json").read_text())
+    assert st["pid"] == info["pid"] and st["cmdline"][1:3] == [FAKE, "add"]
+
+
+def test_runtime_files_are_never_opened_through_a_symlink(tmp_path, reps, rundir, nodes):
+    rundir.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (rundir / "0.events").symlink_to(victim)
+    p = qb("add", "-t", "2", *reps, fake=True)
+    assert p.returncode != 0
+    assert "0.events is a symbolic link: refused" in p.stderr
+    assert victim.read_text() == "precious\n"
+    assert not list(nodes.iterdir()) and not (rundir / "0.json").exists()
+
+
+@pytest.mark.parametrize("how", ["world-writable", "other-owner", "symlink"])
+def test_a_run_dir_someone_else_controls_is_refused(how, tmp_path, reps, monkeypatch):
+    d = tmp_path / "elsewhere"
+    if how == "symlink":
+        real = tmp_path / "real"
+        real.mkdir(mode=0o700)
+        d.symlink_to(real)
+    else:
+        d.mkdir()
+        if how == "world-writable":
+            os.chmod(d, 0o777)
+        else:
+            os.chown(d, 65534, 65534)
+    monkeypatch.setenv("QUORUMBLK_RUN_DIR", str(d))
+    for args in (["list"], ["add", "-t", "2", *reps], ["del", "--all"]):
+        p = qb(*args)
+        assert p.returncode == 1, (args, p.stderr)
+        assert p.stderr.startswith(f"quorumblk: QUORUMBLK_RUN_DIR={d}: ")
+        assert "refused" in p.stderr and "Traceback" not in p.stderr
+    assert os.listdir(d) == []
+
+
+def test_del_signals_only_the_devices_own_daemon(rundir, nodes):
+    from quorumblk import runtime
+
+    rundir.mkdir(mode=0o700)
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        # a state file (stale, or forged) naming a live process that is not
+        # a quorumblk daemon, with no control socket
+        (rundir / "5.json").write_text(json.dumps({
+            "id": 5, "path": str(nodes / "ublkb5"), "pid": other.pid,
+            "start_time": runtime.proc_start_time(other.pid), "threshold": 2,
+            "replicas": [], "cmdline": ["/usr/bin/quorumblk", "add", "-t", "2"]}))
+        p = qb("del", "5")
+        assert p.returncode == 8, p.stderr
+        assert f"pid {other.pid} (sleep 600) is not the daemon of quorumblk device 5: " \
+               "not signalled" in p.stderr
+        time.sleep(0.3)
+        assert other.poll() is None, "del signalled a process that is not its daemon"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_del_signals_the_daemon_whose_socket_is_gone(reps, devices, rundir):
+    info = devices("-t", "2", *reps)
+    os.unlink(rundir / "0.sock")
+    p = qb("del", "0")
+    assert p.returncode == 0, p.stderr
+    assert wait_dead(info["pid"])
+    assert "stopping device 0: SIGTERM" in (rundir / "0.log").read_text()
