@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from . import daemon, runtime
+from . import __version__, daemon, runtime
 from .errors import QuorumError
 from .runtime import CommandError
 
@@ -123,6 +123,7 @@ def build_parser():
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true",
                    help="show a traceback on errors")
+    p.add_argument("--version", action="version", version=f"quorumblk {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -273,7 +274,7 @@ def cmd_add(args):
     devopts = {"queues": args.queues, "depth": args.depth,
                "block_size": args.block_size, "dev_id": args.dev_id}
     res = daemon.add(args.replicas, args.threshold, engine, devopts,
-                     foreground=args.foreground, warn=warn)
+                     foreground=args.foreground, warn=warn, ready=_ready(args))
     if args.foreground:
         return res
     if args.json:
@@ -281,6 +282,15 @@ def cmd_add(args):
     else:
         print(res["path"])
     return 0
+
+
+def _ready(args):
+    """What a foreground add or recover prints once the device is LIVE
+    (what the detached one prints when it returns)."""
+    def ready(res):
+        print(json.dumps(res, sort_keys=True) if args.json else res["path"],
+              flush=True)
+    return ready
 
 
 def cmd_list(args):
@@ -361,7 +371,8 @@ def cmd_del(args):
 
 
 def cmd_recover(args):
-    res = daemon.recover(args.dev, foreground=args.foreground, warn=warn)
+    res = daemon.recover(args.dev, foreground=args.foreground, warn=warn,
+                         ready=_ready(args))
     if args.foreground:
         return res
     if args.json:

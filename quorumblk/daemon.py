@@ -494,7 +494,8 @@ def _notify_systemd(text):
         log(f"sd_notify: {e}")
 
 
-def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
+def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
+        ready=None):
     """Validate, start the device, and either serve it here (foreground,
     returns the daemon's exit status when it stops) or detach a daemon
     (returns the device's {"id", "path", "pid"} once it is LIVE).
@@ -513,7 +514,7 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
                 warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
                      "recovering it instead")
             return recover(devopts["dev_id"], foreground=foreground, warn=warn,
-                           threshold=threshold, engine=engine, lock=lock)
+                           threshold=threshold, engine=engine, lock=lock, ready=ready)
         plan, warns = check_set(replicas, threshold, engine)
         for w in warns:
             if warn:
@@ -524,7 +525,8 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
         if warn and report["reason"] != "none":
             warn(describe_resync(report))
         if foreground:
-            return _run_foreground(q, idents, engine, devopts, lock, report)
+            return _run_foreground(q, idents, engine, devopts, lock, report,
+                                   ready=ready)
         return _detach(q, idents, engine, devopts, lock, report)
     finally:
         lock.release()
@@ -532,7 +534,8 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
             q.close()
 
 
-def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False):
+def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False,
+                    ready=None):
     signal.signal(signal.SIGTERM, _early_signal)
     signal.signal(signal.SIGINT, _early_signal)
     d = _start(q, idents, engine, devopts, report, recover)
@@ -540,7 +543,11 @@ def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False
     if _early_stop:
         d.stopping, d.stop_reason = True, "signal before LIVE"
     lock.release()
-    print(d.dev.path, flush=True)
+    info = {"id": d.dev.id, "path": d.dev.path, "pid": os.getpid()}
+    if ready:
+        ready(info)
+    else:
+        print(d.dev.path, flush=True)
     _notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
                     f"STATUS=serving {d.dev.path}")
     return d.run()
@@ -553,11 +560,14 @@ def _detach(q, idents, engine, devopts, lock, report=None, recover=False):
     pid = os.fork()
     if pid == 0:
         # first child: new session, then fork the daemon so that it is
-        # nobody's child and has no controlling terminal
+        # nobody's child and has no controlling terminal; the daemon's pid
+        # is the first line on the pipe
         try:
             os.close(rfd)
             os.setsid()
-            if os.fork() != 0:
+            child = os.fork()
+            if child != 0:
+                _send(wfd, {"daemon": child})
                 os._exit(0)
             _daemon_main(q, idents, engine, devopts, wfd, lock, report, recover)
         finally:
@@ -565,38 +575,75 @@ def _detach(q, idents, engine, devopts, lock, report=None, recover=False):
     os.close(wfd)
     os.waitpid(pid, 0)
     lock.release()
+    lines = _Lines(rfd)
+    deadline = time.monotonic() + START_TIMEOUT
+    daemon_pid = None
     try:
-        msg = _read_message(rfd, START_TIMEOUT)
+        msg = lines.next(deadline)
+        if msg is not None and "daemon" in msg:
+            daemon_pid = msg["daemon"]
+            msg = lines.next(deadline)
     finally:
-        os.close(rfd)
+        os.close(rfd)       # a daemon that speaks up later finds no one
     if msg is None:
-        raise StartError(f"the daemon said nothing within {START_TIMEOUT:.0f} s")
+        raise StartError(f"the device did not go LIVE within {START_TIMEOUT:.0f} s: " +
+                         _give_up(daemon_pid))
     if not msg.get("ok"):
         raise StartError(msg.get("error", "the daemon failed"),
                          exit_code=msg.get("exit_code"))
     return {k: msg[k] for k in ("id", "path", "pid")}
 
 
-def _read_message(fd, timeout):
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    if not data:
-        return {"ok": False, "error": "the daemon exited before the device was LIVE"}
+def _give_up(pid, wait=10.0):
+    """Stop the daemon of a start the command gave up on, so that it never
+    serves a device the user was told had failed (SIGTERM: it stops the
+    device in order once it has one). Says what became of it."""
+    if not pid or not runtime.pid_alive(pid):
+        return "its daemon has exited"
     try:
-        return json.loads(data)
-    except ValueError:
-        return {"ok": False, "error": f"bad message from the daemon: {data[:200]!r}"}
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "its daemon has exited"
+    deadline = time.monotonic() + wait
+    while runtime.pid_alive(pid):
+        if time.monotonic() > deadline:
+            return (f"asked its daemon (pid {pid}) to stop; it has not exited "
+                    f"within {wait:.0f} s and stops the device as soon as it can")
+        time.sleep(0.05)
+    return f"stopped its daemon (pid {pid})"
+
+
+class _Lines:
+    """JSON messages from the daemon's pipe, a line each."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    def next(self, deadline):
+        """The next message; None when none came by the deadline."""
+        while b"\n" not in self.buf and not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        if not line:
+            return {"ok": False, "error": "the daemon exited before the device was LIVE"}
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
+            return {"ok": False, "error": f"bad message from the daemon: {line[:200]!r}"}
+        return msg
 
 
 def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=False):
@@ -631,8 +678,12 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=Fal
             f"pid {os.getpid()}, "
             f"replicas {' '.join(q.paths)}, threshold {q.threshold}")
         lock.release()
-        _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
-                    "pid": os.getpid()})
+        try:
+            _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
+                        "pid": os.getpid()})
+        except OSError:
+            # the command gave up waiting and told the user the start failed
+            d.stopping, d.stop_reason = True, "the add that started it gave up"
         os.close(wfd)
         status = d.run()
     except BaseException as e:  # the daemon must leave through os._exit
@@ -869,7 +920,7 @@ def _recovers(replicas, dev_id):
 
 
 def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
-            lock=None):
+            lock=None, ready=None):
     """Serve again device dev whose daemon died (the kernel holds it
     quiesced; I/O issued meanwhile waits). The replicas, threshold and
     options come from its state file (threshold and engine override them);
@@ -912,7 +963,7 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
             warn(describe_resync(report))
         if foreground:
             return _run_foreground(q, idents, engine, devopts, lock, report,
-                                   recover=True)
+                                   recover=True, ready=ready)
         return _detach(q, idents, engine, devopts, lock, report, recover=True)
     finally:
         lock.release()

@@ -439,3 +439,73 @@ def test_del_signals_the_daemon_whose_socket_is_gone(reps, devices, rundir):
     assert p.returncode == 0, p.stderr
     assert wait_dead(info["pid"])
     assert "stopping device 0: SIGTERM" in (rundir / "0.log").read_text()
+
+
+# -- the smaller ones --
+
+def test_a_negative_threshold_is_reported_as_given(reps):
+    p = qb("add", "-t", "-1", *reps)
+    assert p.returncode == 10, p.stderr
+    assert "threshold -1 out of range" in p.stderr and "1 to 3" in p.stderr
+    assert "threshold 0" not in p.stderr
+
+
+def test_errors_name_the_errno_once(tmp_path, reps):
+    d = tmp_path / "a-directory"
+    d.mkdir()
+    p = qb("add", "-t", "2", reps[0], reps[1], d)
+    assert p.returncode == 10, p.stderr
+    assert str(d) in p.stderr and p.stderr.count("EISDIR") == 1, p.stderr
+
+
+def test_version():
+    from quorumblk import __version__
+
+    p = qb("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"quorumblk {__version__}"
+
+
+def test_json_foreground_prints_json(reps, rundir, nodes):
+    proc = subprocess.Popen([sys.executable, FAKE, "add", "--foreground", "--json",
+                             "-t", "2", *reps], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info == {"id": 0, "path": str(nodes / "ublkb0"), "pid": proc.pid}
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _pids_running(word):
+    """Processes whose command line holds word."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if word.encode() in f.read():
+                    out.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def test_a_start_that_times_out_leaves_no_daemon_behind(reps, rundir, nodes):
+    # the device's start takes 4 s, the command waits 1 s
+    env = {"FAKE_UBLK_START_SLEEP": "4", "FAKE_UBLK_START_TIMEOUT": "1"}
+    t0 = time.monotonic()
+    p = qb("add", "-t", "2", *reps, fake=True, env=env)
+    assert p.returncode == 9, p.stderr
+    # when the command says the start failed, its daemon is gone already
+    left = [pid for pid in _pids_running(reps[0]) if alive(pid)]
+    assert not left, f"the daemon of the failed start still runs: {left}"
+    time.sleep(max(0.0, t0 + 6 - time.monotonic()))   # past the start it gave up on
+    assert not list(nodes.iterdir()), "the device went LIVE after all"
+    assert not list(rundir.glob("*.json")) and not list(rundir.glob("*.sock"))
+    assert json.loads(qb("list", "--json").stdout) == []
+    assert "did not go LIVE within 1 s" in p.stderr
+    assert "stopped its daemon (pid" in p.stderr, p.stderr
+    pid = int(p.stderr.split("stopped its daemon (pid ")[1].split(")")[0])
+    assert not alive(pid)
