@@ -552,6 +552,16 @@ def warn(text):
     print(f"quorumblk: warning: {text}", file=sys.stderr)
 
 
+def _fail(args, message, code):
+    """An error: one line on stderr, and with --json also a JSON object on
+    stdout, for the script that reads it."""
+    print(f"quorumblk: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"type": "error", "ok": False, "error": message,
+                          "exit_code": code}, sort_keys=True), flush=True)
+    return code
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -560,19 +570,16 @@ def main(argv=None):
     except CommandError as e:
         if args.debug:
             raise
-        print(f"quorumblk: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, str(e), e.exit_code)
     except QuorumError as e:
         if args.debug:
             raise
-        print(f"quorumblk: {e}", file=sys.stderr)
-        return ENGINE_REFUSED
+        return _fail(args, str(e), ENGINE_REFUSED)
     except OSError as e:
         if args.debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"quorumblk: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
         print("quorumblk: interrupted", file=sys.stderr)
         return 130

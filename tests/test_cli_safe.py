@@ -509,3 +509,15 @@ def test_a_start_that_times_out_leaves_no_daemon_behind(reps, rundir, nodes):
     assert "stopped its daemon (pid" in p.stderr, p.stderr
     pid = int(p.stderr.split("stopped its daemon (pid ")[1].split(")")[0])
     assert not alive(pid)
+
+
+def test_errors_come_as_json_too_with_json(reps, devices, rundir):
+    devices("-t", "2", *reps)
+    for args, code in ((["status", "--json", "7"], 7),
+                       (["add", "--json", "-t", "2", *reps], 5),
+                       (["remove-replica", "--json", "0", "/nope.img"], 10)):
+        p = qb(*args, fake=True)
+        assert p.returncode == code, (args, p.stderr)
+        err = json.loads(p.stdout)
+        assert err["ok"] is False and err["exit_code"] == code
+        assert p.stderr == f"quorumblk: {err['error']}\n"
