@@ -1,10 +1,12 @@
 """The quorumblk command: add, list, status and del quorumblk devices;
 change a running device's replicas (readd, replace, add-replica,
-remove-replica) and scrub it; recover a device whose daemon died.
+remove-replica) and scrub it; show or cancel the job that runs; recover a
+device whose daemon died. Replica paths are made absolute here, where they
+are given (the daemon works from /).
 
 Each handler is a call or two into quorumblk.daemon; main() turns every
 error into `quorumblk: <message>` on stderr and the error's exit status
-(a traceback only with --debug).
+(a traceback only with --debug; with --json also a JSON object on stdout).
 """
 import argparse
 import json
