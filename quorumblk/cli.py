@@ -427,7 +427,8 @@ def _follow(st, job, as_json, every=0.5):
         if tty:
             sys.stderr.write("\n")
         print(f"quorumblk: {job['what']} goes on in the daemon; `quorumblk status "
-              f"{st['id']}` shows it", file=sys.stderr)
+              f"{st['id']}` shows it, `quorumblk job cancel {st['id']}` stops it",
+              file=sys.stderr)
         raise
     if tty:
         sys.stderr.write("\n")

@@ -149,6 +149,7 @@ class Daemon:
         self.stop_reason = None
         self.sock = None
         self.events_file = None
+        self.events_failing = False     # the events file could not be written
         self.started = time.time()
         self.resync = None          # what prepare() did before the start
         self.recovered = False      # serves a device whose daemon died
@@ -383,11 +384,19 @@ class Daemon:
         evs = self.q.events()
         if not evs:
             return
-        for e in evs:
-            self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
-            self.recent.append(e)
-        self.events_file.flush()
+        self.recent.extend(evs)
         self.events_total += len(evs)
+        try:
+            for e in evs:
+                self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
+            self.events_file.flush()
+            self.events_failing = False
+        except (OSError, ValueError) as err:
+            # /run full, say: the device goes on; status still has them
+            if not self.events_failing:
+                log(f"writing events to {runtime.events_path(self.dev.id)}: {err} "
+                    "(the device goes on; `quorumblk status` shows recent events)")
+            self.events_failing = True
 
     # -- tear-down --
     def shutdown(self):
