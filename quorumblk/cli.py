@@ -1,17 +1,20 @@
 """The quorumblk command: add, list, status and del quorumblk devices;
 change a running device's replicas (readd, replace, add-replica,
-remove-replica) and scrub it; recover a device whose daemon died.
+remove-replica) and scrub it; show or cancel the job that runs; recover a
+device whose daemon died. Replica paths are made absolute here, where they
+are given (the daemon works from /).
 
 Each handler is a call or two into quorumblk.daemon; main() turns every
 error into `quorumblk: <message>` on stderr and the error's exit status
-(a traceback only with --debug).
+(a traceback only with --debug; with --json also a JSON object on stdout).
 """
 import argparse
 import json
+import os
 import sys
 import time
 
-from . import daemon, runtime
+from . import __version__, daemon, runtime
 from .errors import QuorumError
 from .runtime import CommandError
 
@@ -26,6 +29,7 @@ EXIT_CODES = """exit status:
                        11 another job (scrub, resync) runs on the device
                        12 scrub found blocks without quorum (left as they were)
                        13 not recoverable (daemon alive, device not quiesced)
+                       14 the device is in use (mounted, open): del refused
 """
 JOB_FAILED = 1
 NO_QUORUM_FOUND = 12
@@ -121,6 +125,7 @@ def build_parser():
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true",
                    help="show a traceback on errors")
+    p.add_argument("--version", action="version", version=f"quorumblk {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -173,6 +178,9 @@ def build_parser():
     g.add_argument("--all", action="store_true", help="every quorumblk device")
     de.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS",
                     help="give up waiting for the daemon after this (default 60)")
+    de.add_argument("--force", action="store_true",
+                    help="stop a device even while it is mounted or open (its "
+                    "users' I/O then fails)")
     de.add_argument("--json", action="store_true", help="print JSON")
     de.set_defaults(func=cmd_del)
 
@@ -225,6 +233,22 @@ def build_parser():
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=cmd_remove_replica)
 
+    jb = sub.add_parser("job", help="show or cancel the job running on a device",
+                        description="The job (scrub, readd, replace, add-replica) "
+                        "that runs on DEV: `show` prints it, `cancel` stops it at "
+                        "its next step and waits until it has stopped. A cancelled "
+                        "readd leaves its replica out of service (readd it again "
+                        "later); a cancelled add-replica or replace removes the new "
+                        "replica from the set (the old one stays).")
+    jsub = jb.add_subparsers(dest="job_command", metavar="ACTION")
+    jsub.required = True
+    for name, func, text in (("show", cmd_job_show, "print the job"),
+                             ("cancel", cmd_job_cancel, "cancel the job")):
+        jp = jsub.add_parser(name, help=text)
+        _dev_arg(jp)
+        jp.add_argument("--json", action="store_true", help="print JSON")
+        jp.set_defaults(func=func)
+
     rc = sub.add_parser(
         "recover", help="serve a device again after its daemon died",
         description="Serve DEV again after its daemon died (kill -9, a crash): the "
@@ -252,7 +276,7 @@ def cmd_add(args):
     devopts = {"queues": args.queues, "depth": args.depth,
                "block_size": args.block_size, "dev_id": args.dev_id}
     res = daemon.add(args.replicas, args.threshold, engine, devopts,
-                     foreground=args.foreground, warn=warn)
+                     foreground=args.foreground, warn=warn, ready=_ready(args))
     if args.foreground:
         return res
     if args.json:
@@ -260,6 +284,15 @@ def cmd_add(args):
     else:
         print(res["path"])
     return 0
+
+
+def _ready(args):
+    """What a foreground add or recover prints once the device is LIVE
+    (what the detached one prints when it returns)."""
+    def ready(res):
+        print(json.dumps(res, sort_keys=True) if args.json else res["path"],
+              flush=True)
+    return ready
 
 
 def cmd_list(args):
@@ -323,7 +356,7 @@ def cmd_del(args):
     done, failed = [], []
     for t in targets:
         try:
-            done.append(daemon.delete(t, timeout=args.timeout))
+            done.append(daemon.delete(t, timeout=args.timeout, force=args.force))
         except CommandError as e:
             if not args.all:
                 raise
@@ -340,7 +373,8 @@ def cmd_del(args):
 
 
 def cmd_recover(args):
-    res = daemon.recover(args.dev, foreground=args.foreground, warn=warn)
+    res = daemon.recover(args.dev, foreground=args.foreground, warn=warn,
+                         ready=_ready(args))
     if args.foreground:
         return res
     if args.json:
@@ -348,6 +382,15 @@ def cmd_recover(args):
     else:
         print(res["path"])
     return 0
+
+
+def _replica(text):
+    """A replica given on the command line, as the daemon (which works from
+    /) needs it: an index (digits that name no file here) or an absolute
+    path, made absolute here, where a relative one means something."""
+    if text.isdigit() and not os.path.exists(text):
+        return int(text)
+    return os.path.abspath(text)
 
 
 def _start_job(args, command, **params):
@@ -384,7 +427,8 @@ def _follow(st, job, as_json, every=0.5):
         if tty:
             sys.stderr.write("\n")
         print(f"quorumblk: {job['what']} goes on in the daemon; `quorumblk status "
-              f"{st['id']}` shows it", file=sys.stderr)
+              f"{st['id']}` shows it, `quorumblk job cancel {st['id']}` stops it",
+              file=sys.stderr)
         raise
     if tty:
         sys.stderr.write("\n")
@@ -412,6 +456,9 @@ def _finish(job, as_json, describe):
         return 0
     if as_json:
         print(json.dumps({"type": "result", **job}, sort_keys=True))
+    if job["state"] == "cancelled":
+        raise CommandError(f"{job['what']} was cancelled: {job['error']}",
+                           exit_code=JOB_FAILED)
     if job["state"] != "done":
         raise CommandError(f"{job['what']} failed: {job['error']}", exit_code=JOB_FAILED)
     if not as_json:
@@ -442,25 +489,63 @@ def _describe_fill(r, job):
 
 
 def cmd_readd(args):
-    return _finish(_start_job(args, "readd", replica=args.replica), args.json,
-                   _describe_fill)
+    return _finish(_start_job(args, "readd", replica=_replica(args.replica)),
+                   args.json, _describe_fill)
 
 
 def cmd_replace(args):
-    return _finish(_start_job(args, "replace", old=args.old, new=args.new),
+    return _finish(_start_job(args, "replace", old=_replica(args.old),
+                              new=os.path.abspath(args.new)),
                    args.json, _describe_fill)
 
 
 def cmd_add_replica(args):
-    return _finish(_start_job(args, "add-replica", replica=args.new), args.json,
-                   _describe_fill)
+    return _finish(_start_job(args, "add-replica", replica=os.path.abspath(args.new)),
+                   args.json, _describe_fill)
+
+
+def _job_line(job):
+    line = (f"{job['what']}: {job['state']}, {job['percent']}% of "
+            f"{_mib(job['total_bytes'])} in {job['seconds']:.1f} s")
+    if job["error"]:
+        line += f": {job['error']}"
+    r = job.get("result") or {}
+    if job["state"] == "cancelled" and r.get("state"):
+        line += f"; {r['replica']} is {r['state']}"
+    return line
+
+
+def cmd_job_show(args):
+    runtime.require_root("quorumblk job")
+    st = runtime.find(args.dev)
+    job = runtime.request(st["id"], "job")["job"]
+    if args.json:
+        print(json.dumps(job, sort_keys=True))
+    else:
+        print(_job_line(job) if job else f"no job has run on {st['path']}")
+    return 0
+
+
+def cmd_job_cancel(args, timeout=60.0):
+    runtime.require_root("quorumblk job cancel")
+    st = runtime.find(args.dev)
+    job = runtime.request(st["id"], "cancel")["job"]
+    deadline = time.monotonic() + timeout
+    while job["state"] == "running":
+        if time.monotonic() > deadline:
+            raise runtime.DaemonError(f"{job['what']} was asked to stop and still "
+                                      f"runs {timeout:.0f} s later")
+        time.sleep(0.1)
+        job = runtime.request(st["id"], "job")["job"]
+    print(json.dumps(job, sort_keys=True) if args.json else _job_line(job))
+    return 0
 
 
 def cmd_remove_replica(args):
     runtime.require_root("quorumblk remove-replica")
     st = runtime.find(args.dev)
     res = runtime.request(st["id"], "remove-replica",
-                          args={"replica": args.replica})["result"]
+                          args={"replica": _replica(args.replica)})["result"]
     print(json.dumps(res, sort_keys=True) if args.json else
           f"removed {res['removed']} from {st['path']}")
     return 0
@@ -468,6 +553,16 @@ def cmd_remove_replica(args):
 
 def warn(text):
     print(f"quorumblk: warning: {text}", file=sys.stderr)
+
+
+def _fail(args, message, code):
+    """An error: one line on stderr, and with --json also a JSON object on
+    stdout, for the script that reads it."""
+    print(f"quorumblk: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"type": "error", "ok": False, "error": message,
+                          "exit_code": code}, sort_keys=True), flush=True)
+    return code
 
 
 def main(argv=None):
@@ -478,19 +573,16 @@ def main(argv=None):
     except CommandError as e:
         if args.debug:
             raise
-        print(f"quorumblk: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args, str(e), e.exit_code)
     except QuorumError as e:
         if args.debug:
             raise
-        print(f"quorumblk: {e}", file=sys.stderr)
-        return ENGINE_REFUSED
+        return _fail(args, str(e), ENGINE_REFUSED)
     except OSError as e:
         if args.debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"quorumblk: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
         print("quorumblk: interrupted", file=sys.stderr)
         return 130

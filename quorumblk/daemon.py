@@ -18,6 +18,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import warnings
 
 from . import lifecycle, meta, runtime
@@ -29,9 +30,10 @@ EVENT_DRAIN_S = 0.2
 CLEAN_EVERY_S = 1.0         # look for idle dirty regions this often
 CLEAN_IDLE_S = 5.0          # a region idle this long goes clean
 RECENT_EVENTS = 100
-LIFECYCLE = ("job", "scrub", "readd", "replace", "add-replica", "remove-replica")
+LIFECYCLE = ("job", "cancel", "scrub", "readd", "replace", "add-replica", "remove-replica")
 START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
 DEVICE_MAX_IO = 512 * 1024
+REPLICAS_REFUSED = 10       # cli's exit status for refused replicas
 
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
@@ -46,26 +48,38 @@ def _device_module():
     return device
 
 
-def open_quorum(replicas, threshold, engine, reuse=None):
-    """Open the replica set: its metadata first (a new set is created on
-    replicas without any; quorumblk.meta), then the engine, whose refusals
-    come out as QuorumError. Returns (quorum, plan, warnings as text); the
-    plan is not acted on yet (see prepare). reuse: the id of a device whose
-    replicas these may be (recover)."""
+def check_set(replicas, threshold, engine, reuse=None):
+    """Every check of the replicas themselves, writing nothing: the
+    threshold, replicas another device uses (other than device reuse:
+    recover), what the engine refuses (paths, sizes, duplicates, direct
+    I/O), and their metadata (quorumblk.meta: a new set is only planned).
+    Returns (plan, warnings as text)."""
+    if not 1 <= threshold <= len(replicas):
+        raise CommandError(f"threshold {threshold} out of range: it must be 1 to "
+                           f"{len(replicas)} (the number of replicas)",
+                           exit_code=REPLICAS_REFUSED)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # the engine checks the set (paths, threshold, sizes, duplicates,
-        # direct I/O) before its metadata is read or written
         check_free([runtime.replica_identity(p) for p in replicas
                     if os.path.exists(p)], skip=reuse)
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
-        plan = meta.assemble([str(p) for p in replicas], threshold)
-        q = Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
+        plan = meta.assemble([str(p) for p in replicas], threshold, write=False)
     msgs = [str(w.message) for w in caught]
     if plan.missing:
         msgs.append(f"{len(plan.missing)} member(s) of the set not given: the "
                     "device runs degraded until they are back (quorumblk readd)")
-    return q, plan, msgs
+    return plan, msgs
+
+
+def open_set(replicas, threshold, engine, plan):
+    """The first write to the replicas, once every check has passed: a new
+    set is made (image files grow, headers are written); then the engine
+    opens them. The plan is not acted on further yet (see prepare)."""
+    if plan.created:
+        meta.commit([str(p) for p in replicas], plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # check_set said them already
+        return Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
 
 
 def prepare(q, plan, progress=None):
@@ -102,11 +116,11 @@ def check_free(idents, skip=None):
             f"(/dev/ublkb{other})")
 
 
-def check_add(q, dev_id):
+def check_add(replicas, dev_id):
     """Everything about an add that is not the engine's: replicas already
     serving another device, the id, the driver. Returns the replicas'
     identities."""
-    idents = [runtime.replica_identity(p) for p in q.paths]
+    idents = [runtime.replica_identity(p) for p in replicas]
     check_free(idents)
     if dev_id is not None and dev_id >= 0:
         why = runtime.id_in_use(dev_id)
@@ -135,6 +149,7 @@ class Daemon:
         self.stop_reason = None
         self.sock = None
         self.events_file = None
+        self.events_failing = False     # the events file could not be written
         self.started = time.time()
         self.resync = None          # what prepare() did before the start
         self.recovered = False      # serves a device whose daemon died
@@ -145,9 +160,8 @@ class Daemon:
     def publish(self):
         """Write the runtime files: events log, socket, then the state."""
         dev_id = self.dev.id
-        self.events_file = open(runtime.events_path(dev_id),
-                                "a" if self.recovered else "w")
-        os.chmod(runtime.events_path(dev_id), 0o644)
+        self.events_file = runtime.open_private(runtime.events_path(dev_id),
+                                                append=self.recovered)
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
 
@@ -171,6 +185,7 @@ class Daemon:
         states = self.q.replica_states()
         return {"id": self.dev.id, "path": self.dev.path, "pid": os.getpid(),
                 "start_time": runtime.proc_start_time(os.getpid()),
+                "cmdline": runtime.cmdline(os.getpid()),
                 "threshold": self.q.threshold, "size": self.q.size,
                 "options": dict(self.engine, **self.devopts),
                 "replicas": [ident for ident, st in zip(self.idents, states)
@@ -179,12 +194,21 @@ class Daemon:
 
     def replicas_changed(self):
         """A replica joined or left (lifecycle): the state file follows, so
-        that other devices see which replicas this one uses."""
-        for p in self.q.paths[len(self.idents):]:
-            self.idents.append(runtime.replica_identity(p))
+        that other devices see which replicas this one uses. Never raises:
+        the change is made, and a replica that cannot be looked at keeps its
+        old identity (or a placeholder that matches no other file)."""
         for i, p in enumerate(self.q.paths):
-            if p != self.idents[i]["path"]:
-                self.idents[i] = runtime.replica_identity(p)
+            if i < len(self.idents) and p == self.idents[i]["path"]:
+                continue
+            try:
+                ident = runtime.replica_identity(p)
+            except OSError as e:
+                log(f"replica {i}: {p}: {e.strerror or e}")
+                ident = {"path": p, "kind": "file", "rdev": 0, "dev": -1, "ino": -1}
+            if i < len(self.idents):
+                self.idents[i] = ident
+            else:
+                self.idents.append(ident)
         try:
             runtime.write_state(self.state())
         except OSError as e:
@@ -255,7 +279,14 @@ class Daemon:
             conn.setblocking(True)
             conn.settimeout(2.0)
             try:
-                answer = self._answer(conn)
+                try:
+                    answer = self._answer(conn)
+                except Exception as e:  # a handler's bug never stops the device
+                    log(f"control: answering a request failed: {e!r}\n" +
+                        traceback.format_exc())
+                    answer = {"ok": False, "error": f"internal error: {e!r} (the "
+                              "device goes on; the daemon's log has the details)",
+                              "exit_code": 1}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
             except OSError as e:
                 log(f"control: {e}")
@@ -274,9 +305,15 @@ class Daemon:
             data += chunk
         try:
             req = json.loads(data)
-            command = req.get("command")
-        except (ValueError, AttributeError):
-            return {"ok": False, "error": "bad request"}
+        except ValueError:
+            return _bad("not a JSON line")
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return _bad('not an object with a "command" string')
+        command, args = req["command"], req.get("args")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            return _bad(f'"args" of {command!r} must be an object, not {args!r}')
         if command == "status":
             return {"ok": True, "status": self.status()}
         if command == "stop":
@@ -284,32 +321,45 @@ class Daemon:
             self.stop_reason = "del"
             return {"ok": True, "stopping": True, "pid": os.getpid()}
         if command in LIFECYCLE:
-            return self._lifecycle(command, req.get("args") or {})
-        return {"ok": False, "error": f"unknown command {command!r}"}
+            return self._lifecycle(command, args)
+        return {"ok": False, "error": f"unknown command {command!r}", "exit_code": 2}
 
     def _lifecycle(self, command, args):
-        """readd, replace, add-replica, remove-replica, scrub, job: the
-        refusals come back with their exit codes."""
+        """readd, replace, add-replica, remove-replica, scrub, job, cancel:
+        the refusals come back with their exit codes."""
         life = self.life
+        rate = args.get("rate")
+        if rate is not None and (isinstance(rate, bool) or
+                                 not isinstance(rate, (int, float)) or
+                                 not 1 <= rate < float("inf")):
+            return _bad(f"rate {rate!r} is not a number of bytes per second (>= 1)")
+        repair = args.get("repair", True)
+        if not isinstance(repair, bool):
+            return _bad(f"repair {repair!r} is not true or false")
+        need = {"readd": ("replica",), "add-replica": ("replica",),
+                "remove-replica": ("replica",), "replace": ("old", "new")}
+        missing = [k for k in need.get(command, ()) if k not in args]
+        if missing:
+            return _bad(f"{command} needs {' and '.join(missing)}")
         try:
             if command == "job":
                 job = life.job
+            elif command == "cancel":
+                job = life.cancel()
             elif command == "remove-replica":
                 return {"ok": True, "result": life.remove_replica(args["replica"])}
             elif command == "scrub":
-                job = life.scrub(repair=args.get("repair", True), rate=args.get("rate"))
+                job = life.scrub(repair=repair, rate=rate)
             elif command == "readd":
-                job = life.readd(args["replica"], rate=args.get("rate"))
+                job = life.readd(args["replica"], rate=rate)
             elif command == "add-replica":
-                job = life.add_replica(args["replica"], rate=args.get("rate"))
+                job = life.add_replica(args["replica"], rate=rate)
             else:
-                job = life.replace(args["old"], args["new"], rate=args.get("rate"))
+                job = life.replace(args["old"], args["new"], rate=rate)
         except CommandError as e:
             return {"ok": False, "error": str(e), "exit_code": e.exit_code}
         except QuorumError as e:
             return {"ok": False, "error": str(e), "exit_code": lifecycle.REFUSED}
-        except (KeyError, TypeError) as e:
-            return {"ok": False, "error": f"bad request: {e!r}", "exit_code": 2}
         except OSError as e:
             return {"ok": False, "error": f"{e.filename or ''} {e.strerror or e}".strip(),
                     "exit_code": 1}
@@ -334,11 +384,19 @@ class Daemon:
         evs = self.q.events()
         if not evs:
             return
-        for e in evs:
-            self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
-            self.recent.append(e)
-        self.events_file.flush()
+        self.recent.extend(evs)
         self.events_total += len(evs)
+        try:
+            for e in evs:
+                self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
+            self.events_file.flush()
+            self.events_failing = False
+        except (OSError, ValueError) as err:
+            # /run full, say: the device goes on; status still has them
+            if not self.events_failing:
+                log(f"writing events to {runtime.events_path(self.dev.id)}: {err} "
+                    "(the device goes on; `quorumblk status` shows recent events)")
+            self.events_failing = True
 
     # -- tear-down --
     def shutdown(self):
@@ -372,6 +430,10 @@ class Daemon:
             status = 1
         log(f"device {self.dev.id} stopped")
         return status
+
+
+def _bad(why):
+    return {"ok": False, "error": f"bad request: {why}", "exit_code": 2}
 
 
 def log(msg):
@@ -441,39 +503,48 @@ def _notify_systemd(text):
         log(f"sd_notify: {e}")
 
 
-def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None):
+def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
+        ready=None):
     """Validate, start the device, and either serve it here (foreground,
     returns the daemon's exit status when it stops) or detach a daemon
-    (returns the device's {"id", "path", "pid"} once it is LIVE)."""
+    (returns the device's {"id", "path", "pid"} once it is LIVE).
+
+    Every check runs under the add lock, and nothing is written to a
+    replica before all of them have passed: a refused add leaves the images
+    as they were, and two adds of the same bare images cannot both make a
+    set of them."""
     runtime.require_root("quorumblk add")
-    if _recovers(replicas, devopts.get("dev_id")):
-        if warn:
-            warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
-                 "recovering it instead")
-        return recover(devopts["dev_id"], foreground=foreground, warn=warn,
-                       threshold=threshold, engine=engine)
-    q, plan, warns = open_quorum(replicas, threshold, engine)
+    replicas = [os.path.abspath(p) for p in replicas]
+    lock = runtime.AddLock().acquire()
+    q = None
     try:
+        if _recovers(replicas, devopts.get("dev_id")):
+            if warn:
+                warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
+                     "recovering it instead")
+            return recover(devopts["dev_id"], foreground=foreground, warn=warn,
+                           threshold=threshold, engine=engine, lock=lock, ready=ready)
+        plan, warns = check_set(replicas, threshold, engine)
         for w in warns:
             if warn:
                 warn(w)
-        lock = runtime.AddLock().acquire()
-        try:
-            idents = check_add(q, devopts.get("dev_id"))
-            report = prepare(q, plan)
-            if warn and report["reason"] != "none":
-                warn(describe_resync(report))
-            if foreground:
-                return _run_foreground(q, idents, engine, devopts, lock, report)
-            return _detach(q, idents, engine, devopts, lock, report)
-        finally:
-            lock.release()
+        idents = check_add(replicas, devopts.get("dev_id"))
+        q = open_set(replicas, threshold, engine, plan)
+        report = prepare(q, plan)
+        if warn and report["reason"] != "none":
+            warn(describe_resync(report))
+        if foreground:
+            return _run_foreground(q, idents, engine, devopts, lock, report,
+                                   ready=ready)
+        return _detach(q, idents, engine, devopts, lock, report)
     finally:
-        if q._q is not None and not foreground:
+        lock.release()
+        if q is not None and q._q is not None and not foreground:
             q.close()
 
 
-def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False):
+def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False,
+                    ready=None):
     signal.signal(signal.SIGTERM, _early_signal)
     signal.signal(signal.SIGINT, _early_signal)
     d = _start(q, idents, engine, devopts, report, recover)
@@ -481,7 +552,11 @@ def _run_foreground(q, idents, engine, devopts, lock, report=None, recover=False
     if _early_stop:
         d.stopping, d.stop_reason = True, "signal before LIVE"
     lock.release()
-    print(d.dev.path, flush=True)
+    info = {"id": d.dev.id, "path": d.dev.path, "pid": os.getpid()}
+    if ready:
+        ready(info)
+    else:
+        print(d.dev.path, flush=True)
     _notify_systemd(f"READY=1\nMAINPID={os.getpid()}\n"
                     f"STATUS=serving {d.dev.path}")
     return d.run()
@@ -494,11 +569,14 @@ def _detach(q, idents, engine, devopts, lock, report=None, recover=False):
     pid = os.fork()
     if pid == 0:
         # first child: new session, then fork the daemon so that it is
-        # nobody's child and has no controlling terminal
+        # nobody's child and has no controlling terminal; the daemon's pid
+        # is the first line on the pipe
         try:
             os.close(rfd)
             os.setsid()
-            if os.fork() != 0:
+            child = os.fork()
+            if child != 0:
+                _send(wfd, {"daemon": child})
                 os._exit(0)
             _daemon_main(q, idents, engine, devopts, wfd, lock, report, recover)
         finally:
@@ -506,38 +584,75 @@ def _detach(q, idents, engine, devopts, lock, report=None, recover=False):
     os.close(wfd)
     os.waitpid(pid, 0)
     lock.release()
+    lines = _Lines(rfd)
+    deadline = time.monotonic() + START_TIMEOUT
+    daemon_pid = None
     try:
-        msg = _read_message(rfd, START_TIMEOUT)
+        msg = lines.next(deadline)
+        if msg is not None and "daemon" in msg:
+            daemon_pid = msg["daemon"]
+            msg = lines.next(deadline)
     finally:
-        os.close(rfd)
+        os.close(rfd)       # a daemon that speaks up later finds no one
     if msg is None:
-        raise StartError(f"the daemon said nothing within {START_TIMEOUT:.0f} s")
+        raise StartError(f"the device did not go LIVE within {START_TIMEOUT:.0f} s: " +
+                         _give_up(daemon_pid))
     if not msg.get("ok"):
         raise StartError(msg.get("error", "the daemon failed"),
                          exit_code=msg.get("exit_code"))
     return {k: msg[k] for k in ("id", "path", "pid")}
 
 
-def _read_message(fd, timeout):
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        data += chunk
-    if not data:
-        return {"ok": False, "error": "the daemon exited before the device was LIVE"}
+def _give_up(pid, wait=10.0):
+    """Stop the daemon of a start the command gave up on, so that it never
+    serves a device the user was told had failed (SIGTERM: it stops the
+    device in order once it has one). Says what became of it."""
+    if not pid or not runtime.pid_alive(pid):
+        return "its daemon has exited"
     try:
-        return json.loads(data)
-    except ValueError:
-        return {"ok": False, "error": f"bad message from the daemon: {data[:200]!r}"}
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "its daemon has exited"
+    deadline = time.monotonic() + wait
+    while runtime.pid_alive(pid):
+        if time.monotonic() > deadline:
+            return (f"asked its daemon (pid {pid}) to stop; it has not exited "
+                    f"within {wait:.0f} s and stops the device as soon as it can")
+        time.sleep(0.05)
+    return f"stopped its daemon (pid {pid})"
+
+
+class _Lines:
+    """JSON messages from the daemon's pipe, a line each."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = b""
+        self.eof = False
+
+    def next(self, deadline):
+        """The next message; None when none came by the deadline."""
+        while b"\n" not in self.buf and not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        if not line:
+            return {"ok": False, "error": "the daemon exited before the device was LIVE"}
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict):
+            return {"ok": False, "error": f"bad message from the daemon: {line[:200]!r}"}
+        return msg
 
 
 def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=False):
@@ -565,16 +680,19 @@ def _daemon_main(q, idents, engine, devopts, wfd, lock, report=None, recover=Fal
         d.install_signals()
         if _early_stop:
             d.stopping, d.stop_reason = True, "signal before LIVE"
-        logfd = os.open(runtime.log_path(d.dev.id),
-                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        os.dup2(logfd, 2)
-        os.close(logfd)
+        logf = runtime.open_private(runtime.log_path(d.dev.id), append=True)
+        os.dup2(logf.fileno(), 2)
+        logf.close()
         log(f"device {d.dev.id} ({d.dev.path}) {'recovered' if recover else 'live'}, "
             f"pid {os.getpid()}, "
             f"replicas {' '.join(q.paths)}, threshold {q.threshold}")
         lock.release()
-        _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
-                    "pid": os.getpid()})
+        try:
+            _send(wfd, {"ok": True, "id": d.dev.id, "path": d.dev.path,
+                        "pid": os.getpid()})
+        except OSError:
+            # the command gave up waiting and told the user the start failed
+            d.stopping, d.stop_reason = True, "the add that started it gave up"
         os.close(wfd)
         status = d.run()
     except BaseException as e:  # the daemon must leave through os._exit
@@ -639,16 +757,31 @@ def device_status(dev):
     return runtime.request(st["id"], "status")["status"]
 
 
-def delete(dev, timeout=30.0):
+def delete(dev, timeout=30.0, force=False):
     """Stop device dev in order and wait until its daemon and node are gone.
-    A device whose daemon died is removed from the kernel."""
+    A device whose daemon died is removed from the kernel. Refused while the
+    device is in use (mounted, stacked on, open), unless force."""
     st = runtime.find(dev, orphans=True)
-    if not runtime.is_live(st):
+    live = runtime.is_live(st)
+    if not force:
+        # a quiesced device is not probed: an open of it could wait for I/O
+        who = runtime.holders(st["path"], skip={os.getpid(), st["pid"]}, probe=live)
+        if who:
+            raise runtime.BusyError(
+                f"device {st['id']} ({st['path']}) is in use: {'; '.join(who)}: "
+                "refused (unmount or close it first, or `quorumblk del --force` "
+                "stops it anyway: I/O then fails)")
+    if not live:
         return _delete_orphan(st, timeout)
     try:
         runtime.request(st["id"], "stop")
         how = "stop request"
-    except DaemonError:
+    except DaemonError as e:
+        if not _is_daemon_of(st):
+            raise DaemonError(
+                f"{e}; and pid {st['pid']} ({' '.join(runtime.cmdline(st['pid']) or [])}) "
+                f"is not the daemon of quorumblk device {st['id']}: not signalled "
+                f"(is {runtime.state_path(st['id'])} stale?)")
         try:
             os.kill(st["pid"], signal.SIGTERM)
         except ProcessLookupError:
@@ -660,6 +793,21 @@ def delete(dev, timeout=30.0):
                           f"{how}: {', '.join(left)}")
     runtime.remove_files(st["id"])
     return {"id": st["id"], "path": st["path"], "pid": st["pid"], "deleted": True}
+
+
+def _is_daemon_of(st):
+    """Whether the pid st names is device st["id"]'s daemon: still the
+    process that wrote st (runtime.is_daemon), and, where the kernel still
+    has the device, the process it says serves it."""
+    if not runtime.is_daemon(st):
+        return False
+    if not runtime.kernel_has(st["id"]):
+        return True
+    try:
+        info = _device_module().dev_info(st["id"])
+    except (OSError, CommandError):
+        return True
+    return info["pid"] in (st["pid"], -1, 0)
 
 
 def _delete_orphan(st, timeout):
@@ -780,7 +928,8 @@ def _recovers(replicas, dev_id):
     return _orphan_state(st)["state"] == "quiesced"
 
 
-def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
+def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
+            lock=None, ready=None):
     """Serve again device dev whose daemon died (the kernel holds it
     quiesced; I/O issued meanwhile waits). The replicas, threshold and
     options come from its state file (threshold and engine override them);
@@ -788,10 +937,10 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
     vote of every region the write-intent bitmap says may differ) before the
     device serves again. Then, as add: serve here (foreground: returns the
     daemon's exit status) or detach a daemon (returns {"id", "path", "pid"}
-    once the device is LIVE)."""
+    once the device is LIVE). lock: the add lock when the caller holds it."""
     runtime.require_root("quorumblk recover")
     dev_id = runtime.parse_dev(dev)
-    lock = runtime.AddLock().acquire()
+    lock = lock or runtime.AddLock().acquire()
     q = None
     try:
         st = _recoverable(dev_id)
@@ -801,13 +950,13 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
         devopts = {k: opts.get(k) for k in DEVICE_KEYS}
         devopts["dev_id"] = dev_id
         theirs = st.get("replicas", [])
-        q, plan, warns = open_quorum([r["path"] for r in theirs],
-                                     threshold or st["threshold"], engine,
-                                     reuse=dev_id)
+        paths = [r["path"] for r in theirs]
+        threshold = threshold or st["threshold"]
+        plan, warns = check_set(paths, threshold, engine, reuse=dev_id)
         for w in warns:
             if warn:
                 warn(w)
-        idents = [runtime.replica_identity(p) for p in q.paths]
+        idents = [runtime.replica_identity(p) for p in paths]
         for mine, old in zip(idents, theirs):
             if not runtime.same_replica(mine, old):
                 raise runtime.NotRecoverableError(
@@ -817,12 +966,13 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None):
         ok, reason = _device_module().ublk_available()
         if not ok:
             raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+        q = open_set(paths, threshold, engine, plan)
         report = prepare(q, plan)
         if warn and report["reason"] != "none":
             warn(describe_resync(report))
         if foreground:
             return _run_foreground(q, idents, engine, devopts, lock, report,
-                                   recover=True)
+                                   recover=True, ready=ready)
         return _detach(q, idents, engine, devopts, lock, report, recover=True)
     finally:
         lock.release()

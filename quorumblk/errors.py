@@ -11,8 +11,13 @@ class QuorumError(OSError):
         super().__init__(err, message)
 
     def __str__(self):
+        """The message with the errno's name, once (the engine's own
+        messages often name it already)."""
         name = _errno.errorcode.get(self.errno, str(self.errno))
-        return f"{self.strerror} [{name}]"
+        text = str(self.strerror)
+        if f"({name})" in text or f"[{name}]" in text:
+            return text
+        return f"{text} [{name}]"
 
 
 class NoQuorumError(QuorumError):

@@ -50,6 +50,14 @@ class UnsettledError(LifecycleError):
     """blocks the replica must get have no quorum: it stays out of service."""
 
 
+class CancelledError(CommandError):
+    """the job was cancelled."""
+
+
+class NoJobError(CommandError):
+    """no job runs on this device."""
+
+
 class BusyError(CommandError):
     """another job runs on this device."""
     exit_code = 11
@@ -78,6 +86,23 @@ def _answer_within(call, seconds, what):
     return out["value"]
 
 
+def _name(name, index=True):
+    """A replica as a request names it: an index (an int, or digits) or an
+    absolute path. A relative path is refused: the daemon works from /, so
+    the command makes paths absolute where they are given."""
+    if index and isinstance(name, int) and not isinstance(name, bool) and name >= 0:
+        return name
+    if not isinstance(name, str) or not name:
+        raise LifecycleError(f"{name!r} names no replica: give " +
+                             ("its index or " if index else "") + "its path")
+    if index and name.isdigit():
+        return int(name)
+    if not os.path.isabs(name):
+        raise LifecycleError(f"{name} is a relative path, and the daemon works from "
+                             "/: give an absolute path")
+    return name
+
+
 class Job:
     """One long operation and its progress, as `status` and the commands
     that follow it see it."""
@@ -95,13 +120,21 @@ class Job:
         self.started = time.time()
         self.ended = None
         self._t0 = time.monotonic()
+        self._cancel = threading.Event()
+
+    def cancel(self):
+        """Ask the job to stop at its next step (CancelledError in it)."""
+        self._cancel.set()
 
     def progress(self, done):
         self.done = done
         if self.rate:
             ahead = done / self.rate - (time.monotonic() - self._t0)
             if ahead > 0:
-                time.sleep(ahead)
+                self._cancel.wait(ahead)
+        if self._cancel.is_set():
+            raise CancelledError(f"{self.what}: cancelled at {self.done} of "
+                                 f"{self.total} bytes")
 
     def to_dict(self):
         end = self.ended or time.time()
@@ -127,14 +160,14 @@ class Lifecycle:
 
     # -- looking things up --
     def replica(self, name):
-        """A replica given as its index or a path naming it."""
+        """A replica given as its index or an absolute path naming it."""
         paths = self.q.paths
         states = self.q.replica_states()
-        text = str(name)
-        if text.isdigit() and int(text) < len(paths):
-            i = int(text)
+        name = _name(name)
+        if isinstance(name, int):
+            i = name if name < len(paths) else None
         else:
-            i = self._by_path(text)
+            i = self._by_path(name)
         if i is None or states[i] == "removed":
             raise LifecycleError(
                 f"{name} is not a replica of this device (replicas: " +
@@ -173,8 +206,9 @@ class Lifecycle:
         return sum(st == "in-service" for st in self.q.replica_states())
 
     # -- jobs --
-    def _run(self, job, work):
-        """Start job in a thread: work() returns its result."""
+    def _run(self, job, work, undo=None):
+        """Start job in a thread: work() returns its result; undo() puts
+        things back when the job is cancelled."""
         with self._lock:
             if self.job is not None and self.job.state == "running":
                 raise BusyError(f"a {self.job.kind} runs on this device "
@@ -183,8 +217,17 @@ class Lifecycle:
 
         def body():
             try:
+                job.progress(0)
                 job.result = work()
                 job.state = "done"
+            except CancelledError as e:
+                job.error = str(e)
+                job.error_type = type(e).__name__
+                try:
+                    job.result = undo() if undo else None
+                except Exception as e2:  # reported, never lost
+                    job.error += f"; putting things back failed: {e2}"
+                job.state = "cancelled"
             except Exception as e:  # reported through the job, never lost
                 job.error = str(e)
                 job.error_type = type(e).__name__
@@ -196,6 +239,18 @@ class Lifecycle:
         threading.Thread(target=body, name=f"quorumblk-{job.kind}",
                          daemon=True).start()
         return job
+
+    def cancel(self):
+        """Cancel the running job: it stops at its next step (a sync step
+        or the rate limit's wait) and undoes its change of the set (see
+        _run's callers). Returns the job; it is "cancelled" once done."""
+        with self._lock:
+            job = self.job
+            if job is None or job.state != "running":
+                raise NoJobError("no job runs on this device" + (
+                    f" (the last, {job.what}, is {job.state})" if job else ""))
+            job.cancel()
+            return job
 
     def _check_idle(self):
         if self.job is not None and self.job.state == "running":
@@ -273,13 +328,14 @@ class Lifecycle:
                   meta.dirty_ranges(q.bitmap(), shift, n))
         total = sum(min(o + l, q.size) - o for o, l in ranges)
         job = Job("readd", total, f"readd {ident}", rate)
-        return self._run(job, lambda: self._fill(job, r, ranges, blind=full))
+        return self._run(job, lambda: self._fill(job, r, ranges, blind=full),
+                         undo=lambda: self._leave(r, "failed"))
 
     def add_replica(self, path, rate=None, then=None):
         """An empty image joins: all of the device is copied to it."""
         self._check_idle()
         q = self.q
-        path = os.path.abspath(path)
+        path = _name(path, index=False)
         if self._by_path(path) is not None and \
                 q.replica_states()[self._by_path(path)] != "removed":
             raise LifecycleError(f"{path} is already a replica of this device")
@@ -296,7 +352,7 @@ class Lifecycle:
             if then:
                 res.update(then())
             return res
-        return self._run(job, work)
+        return self._run(job, work, undo=lambda: self._leave(r, "removed"))
 
     def replace(self, old, new, rate=None):
         i = self.replica(old)
@@ -321,6 +377,15 @@ class Lifecycle:
         return {"removed": path, "index": i}
 
     # -- helpers --
+    def _leave(self, r, state):
+        """A cancelled job's replica leaves service: failed (readd resumes
+        it) or removed (a new member: add-replica may use it again)."""
+        if self.q.replica_states()[r] == "resyncing":
+            self.q.set_state(r, state)
+            self.changed()
+        return {"replica": self.q.paths[r], "index": r,
+                "state": self.q.replica_states()[r]}
+
     def _attach_when_settled(self, path, header):
         """Attach a member that failed, once the I/O it was given before it
         failed has all come back (a late write must not land after its
@@ -340,14 +405,16 @@ class Lifecycle:
             time.sleep(0.1)
 
     def _path_of(self, name):
-        """The path to open for a readd: a path as given, or the path the
-        replica had (by index)."""
-        text = str(name)
-        if text.isdigit() and int(text) < len(self.q.paths) and not os.path.exists(text):
-            return self.q.paths[int(text)]
-        if not os.path.exists(text):
-            raise LifecycleError(f"{text}: no such file or device")
-        return os.path.abspath(text)
+        """The path to open for a readd: an absolute path as given, or the
+        path the replica had (by index)."""
+        name = _name(name)
+        if isinstance(name, int):
+            if name >= len(self.q.paths):
+                raise LifecycleError(f"this device has no replica {name}")
+            return self.q.paths[name]
+        if not os.path.exists(name):
+            raise LifecycleError(f"{name}: no such file or device")
+        return name
 
     def _check_free(self, path):
         try:

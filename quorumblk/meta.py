@@ -127,6 +127,7 @@ class Plan:
         self.created = created      # a new set was made
         self.stale = stale          # replica indexes that must resync
         self.missing = missing      # member UUIDs not given (now failed)
+        self.pending = None         # a new set not written yet: its sizes
 
     @property
     def set_uuid(self):
@@ -166,12 +167,11 @@ def _fit(size, shift):
 
 
 def _new_layout(paths, threshold, region_shift=None):
-    """Grow image files (or check block devices' tails) and return the
-    data size. Image files grow by the metadata; a block device cannot, so
-    its tail holds it. With block devices in the set every replica keeps
-    the same data as they do: an image file's tail then holds the metadata
-    too (and must be zeros, like theirs). Nothing is written before every
-    replica is checked."""
+    """The data size of a new set and the size each replica will have: image
+    files grow by the metadata; a block device cannot, so its tail holds it.
+    With block devices in the set every replica keeps the same data as they
+    do: an image file's tail then holds the metadata too (and must be zeros,
+    like theirs). Checks every replica and writes nothing (see _grow)."""
     sizes = [_size(p) for p in paths]
     if len({s for s, _ in sizes}) != 1:
         raise SetError("replica sizes differ: " + ", ".join(
@@ -182,14 +182,19 @@ def _new_layout(paths, threshold, region_shift=None):
     total = data + lib.qb_meta_overhead(data, shift)
     for p in paths:
         _check_zero_tail(p, data, size)
-    for p in paths:
-        if size < total:
+    return data, [size if blk or size >= total else total for _, blk in sizes]
+
+
+def _grow(paths, new_sizes):
+    """Grow the image files of a new set to the sizes _new_layout chose."""
+    for p, want in zip(paths, new_sizes):
+        size, _ = _size(p)
+        if size < want:
             try:
-                os.truncate(p, total)
+                os.truncate(p, want)
             except OSError as e:
-                raise SetError(f"{p}: cannot grow it by {total - data} bytes "
+                raise SetError(f"{p}: cannot grow it from {size} to {want} bytes "
                                f"for quorumblk's metadata: {e.strerror}")
-    return data
 
 
 def _check_zero_tail(path, data, total):
@@ -209,19 +214,20 @@ def _check_zero_tail(path, data, total):
             left -= len(chunk)
 
 
-def create(paths, threshold, region_shift=None):
+def create(paths, threshold, region_shift=None, write=True):
+    """A new set over replicas without metadata. write=False only plans it:
+    nothing is written until commit() (add checks everything else first)."""
     shift = region_shift or region_shift_for(_size(paths[0])[0])
-    data_size = _new_layout(paths, threshold, shift)
+    data_size, new_sizes = _new_layout(paths, threshold, shift)
     set_id = uuid.uuid4().bytes
     ids = [uuid.uuid4().bytes for _ in paths]
     metas = []
     for i, p in enumerate(paths):
-        size, _ = _size(p)
         m = ffi.new("struct qb_meta *")
         m.set_uuid = list(set_id)
         m.replica_uuid = list(ids[i])
         m.data_size = data_size
-        m.replica_size = size
+        m.replica_size = new_sizes[i]
         m.region_shift = shift
         m.nregions = (data_size + (1 << shift) - 1) >> shift
         m.events = 1
@@ -235,20 +241,23 @@ def create(paths, threshold, region_shift=None):
             m.members[j].state = IN_SERVICE
         metas.append(m)
     bitmap = bytes(lib.qb_meta_bitmap_bytes(metas[0].nregions))
-    for p, m in zip(paths, metas):
-        write_both(p, m, bitmap)
-    return Plan(metas, bitmap, True, [], [])
+    plan = Plan(metas, bitmap, True, [], [])
+    plan.pending = new_sizes
+    if write:
+        commit(paths, plan)
+    return plan
 
 
 # -- an existing set --
 
-def assemble(paths, threshold, region_shift=None):
+def assemble(paths, threshold, region_shift=None, write=True):
     """Read every replica's metadata and decide; see the module's text.
-    Writes nothing unless a new set is created."""
+    Writes nothing unless a new set is created (and with write=False not
+    even then: commit() makes it)."""
     found = [read(p) for p in paths]
     have = [p for p, (m, _) in zip(paths, found) if m is not None]
     if not have:
-        return create(paths, threshold, region_shift)
+        return create(paths, threshold, region_shift, write=write)
     if len(have) != len(paths):
         bare = [p for p, (m, _) in zip(paths, found) if m is None]
         raise SetError(
@@ -331,8 +340,15 @@ def assemble(paths, threshold, region_shift=None):
 
 def commit(paths, plan):
     """Write the plan's headers (and the bitmap union) to every replica: from
-    now on the set is as the plan says, whatever happens next."""
+    now on the set is as the plan says, whatever happens next. A new set
+    planned without writing is made now: image files grow, then each gets
+    both copies of its header."""
     if plan.created:
+        if plan.pending:
+            _grow(paths, plan.pending)
+            for p, m in zip(paths, plan.metas):
+                write_both(p, m, plan.bitmap)
+            plan.pending = None
         return
     for p, m in zip(paths, plan.metas):
         write(p, m, plan.bitmap)

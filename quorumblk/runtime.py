@@ -6,7 +6,13 @@ Per device N (the ublk id) the daemon keeps:
   N.events  the events it drained from the engine, one JSON object a line;
   N.sock    its control socket (mode 0600; only root may talk to it);
   N.log     what the daemon printed after it detached.
-The folder is QUORUMBLK_RUN_DIR when that is set (tests), else /run/quorumblk.
+N.json also records the daemon's command line: del signals the pid it
+names only if that process is still the same daemon (is_daemon).
+The folder is /run/quorumblk (mode 0700), or QUORUMBLK_RUN_DIR (tests) when
+that is set and is the caller's own directory that no one else may write
+to. Every file in it is root's alone (0600), written without following a
+symbolic link; N.json is replaced atomically from a temporary file of an
+unpredictable name.
 
 This module also holds the command's error family: every error a user can
 cause is a CommandError subclass with its own message and exit code.
@@ -18,6 +24,7 @@ import os
 import re
 import socket
 import stat
+import tempfile
 import time
 
 DEFAULT_RUN_DIR = "/run/quorumblk"
@@ -70,19 +77,89 @@ class DaemonError(CommandError):
     exit_code = 8
 
 
+class BusyError(CommandError):
+    """the device is in use (mounted, held or open)."""
+    exit_code = 14
+
+
 class StartError(CommandError):
     """the device could not be started."""
     exit_code = 9
 
 
 def run_dir():
-    return os.environ.get("QUORUMBLK_RUN_DIR") or DEFAULT_RUN_DIR
+    """/run/quorumblk, or QUORUMBLK_RUN_DIR (tests) when that is set: then
+    only a directory of the caller's own that no one else may write to (a
+    folder someone else controls must not receive root's files, nor name
+    the pids that del signals)."""
+    path = os.environ.get("QUORUMBLK_RUN_DIR")
+    if not path:
+        return DEFAULT_RUN_DIR
+    why = _unsafe_dir(path)
+    if why:
+        raise CommandError(f"QUORUMBLK_RUN_DIR={path}: {why}: refused (it must be a "
+                           f"directory of uid {os.geteuid()} that no other user may "
+                           "write to; unset it to use /run/quorumblk)")
+    return path
+
+
+def _unsafe_dir(path):
+    """Why path may not hold runtime files, or None (also when it does not
+    exist yet: ensure_run_dir makes it, mode 0700)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
 
 
 def ensure_run_dir():
+    """The run directory, made root-only (0700) if it is not there."""
     path = run_dir()
-    os.makedirs(path, mode=0o755, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    why = _unsafe_dir(path)
+    if why:
+        raise CommandError(f"{path}: {why}: refused (quorumblk keeps root's "
+                           "runtime files there)")
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
     return path
+
+
+def open_private(path, append=False):
+    """Open a runtime file for writing: created 0600 (made so if it was
+    not), never through a symbolic link. Returns a text file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    fd = _open_nofollow(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a" if append else "w")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_nofollow(path, flags, mode=0o600):
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CommandError(f"{path} is a symbolic link: refused (quorumblk "
+                               "never follows one in its run directory)")
+        raise
 
 
 def state_path(dev_id):
@@ -158,29 +235,64 @@ def pid_alive(pid, start_time=None):
     return True
 
 
+def cmdline(pid):
+    """The command line of process pid, as a list of str, or None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [w.decode(errors="surrogateescape") for w in raw.split(b"\0")[:-1]]
+
+
+def is_daemon(state):
+    """Whether the pid that state names is still that device's daemon: the
+    same process (its start time) running the same command line as it did
+    when it wrote the state (old state files: a quorumblk command)."""
+    pid = state.get("pid")
+    if not is_live(state):
+        return False
+    now = cmdline(pid)
+    if now is None:
+        return False
+    if "cmdline" in state:
+        return now == state["cmdline"]
+    return any("quorumblk" in w for w in now)
+
+
 # -- state files --
 
 def write_state(state):
-    """Write N.json atomically (write a temporary file, rename it)."""
+    """Write N.json atomically: a temporary file of an unpredictable name
+    in the same directory (mode 0600), synced, then renamed over it."""
     path = state_path(state["id"])
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                               prefix=f".{state['id']}.json.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_state(dev_id):
+    path = state_path(dev_id)
     try:
-        with open(state_path(dev_id)) as f:
+        fd = _open_nofollow(path, os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise CommandError(f"{state_path(dev_id)}: unreadable state file: {e}")
+        raise CommandError(f"{path}: unreadable state file: {e}")
 
 
 def remove_files(dev_id, keep_events=True):
@@ -291,7 +403,7 @@ class AddLock:
 
     def acquire(self, timeout=60.0):
         path = os.path.join(ensure_run_dir(), "add.lock")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = _open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -350,7 +462,8 @@ def request(dev_id, command, timeout=CONTROL_TIMEOUT, args=None):
 def read_events(dev_id, last=None):
     """Events from N.events (the last `last` of them when given)."""
     try:
-        with open(events_path(dev_id)) as f:
+        fd = _open_nofollow(events_path(dev_id), os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
             lines = f.readlines()
     except FileNotFoundError:
         return []
@@ -424,6 +537,90 @@ def wait_gone(st, timeout):
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
+
+
+# -- who uses a device (del refuses a device in use) --
+
+def _unescape(text):
+    """A mountinfo or swaps field: spaces and the like come as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def _comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def holders(node, skip=(), probe=True):
+    """What uses the device node (a block device, or the file the host tests
+    fake one with): mounts (/proc/self/mountinfo), swap, devices stacked on
+    it (sysfs holders), processes that have it open (/proc/PID/fd), and with
+    probe, an exclusive claim none of these names (a mount in another mount
+    namespace). Processes in skip are left out. Returns lines for people."""
+    try:
+        st = os.stat(node)
+    except OSError:
+        return []
+    blk = stat.S_ISBLK(st.st_mode)
+    out = []
+    if blk:
+        devno = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 4 and fields[2] == devno:
+                        out.append(f"mounted on {_unescape(fields[4])}")
+        except OSError:
+            pass
+        try:
+            with open("/proc/swaps") as f:
+                for line in list(f)[1:]:
+                    name = _unescape(line.split()[0])
+                    try:
+                        if os.stat(name).st_rdev == st.st_rdev:
+                            out.append(f"used as swap ({name})")
+                    except OSError:
+                        continue
+        except OSError:
+            pass
+        try:
+            for h in sorted(os.listdir(f"/sys/dev/block/{devno}/holders")):
+                out.append(f"held by /dev/{h} (stacked on it)")
+        except OSError:
+            pass
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        pids = []
+    for pid in sorted(pids):
+        if pid in skip:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                fst = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (blk and stat.S_ISBLK(fst.st_mode) and fst.st_rdev == st.st_rdev) or \
+                    (not blk and (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino)):
+                out.append(f"open by pid {pid} ({_comm(pid)})")
+                break
+    if blk and probe and not out:
+        try:
+            os.close(os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC |
+                             os.O_NONBLOCK))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                out.append("claimed exclusively by the kernel (mounted in another "
+                           "mount namespace, or part of a RAID or LVM set)")
+    return out
 
 
 def errno_name(err):

@@ -15,6 +15,8 @@ Environment:
                        start (to raise events from corrupted replicas)
   FAKE_UBLK_FAIL       a message: the device start fails with it (EIO)
   FAKE_UBLK_STOP_SLEEP seconds the device's stop takes
+  FAKE_UBLK_START_SLEEP seconds the device's start takes
+  FAKE_UBLK_START_TIMEOUT how long add waits for the daemon (seconds)
 """
 import errno
 import os
@@ -38,6 +40,7 @@ class FakeDevice:
               user_recovery=False):
         if os.environ.get("FAKE_UBLK_FAIL"):
             raise QuorumError(errno.EIO, os.environ["FAKE_UBLK_FAIL"])
+        time.sleep(float(os.environ.get("FAKE_UBLK_START_SLEEP", "0")))
         if dev_id < 0:
             dev_id = 0
             while os.path.exists(os.path.join(NODES, f"ublkb{dev_id}")):
@@ -117,6 +120,8 @@ def install():
     daemon._device_module = lambda: FakeModule
     runtime.ublk_check = lambda: None
     runtime.kernel_has = lambda dev_id: os.path.exists(_node_path(dev_id))
+    if os.environ.get("FAKE_UBLK_START_TIMEOUT"):
+        daemon.START_TIMEOUT = float(os.environ["FAKE_UBLK_START_TIMEOUT"])
 
 
 if __name__ == "__main__":

@@ -250,8 +250,10 @@ def test_del_during_fio_does_not_hang(images, cli):
     fio = _fio(info["path"])
     try:
         _wait_for_io(info["id"])
+        p = qb("del", info["id"])
+        assert p.returncode == 14 and "(fio)" in p.stderr, p.stderr
         t0 = time.monotonic()
-        p = qb("del", "--timeout", "90", info["id"], timeout=120)
+        p = qb("del", "--force", "--timeout", "90", info["id"], timeout=120)
         took = time.monotonic() - t0
         assert p.returncode == 0, p.stderr
         fio.wait(timeout=90)
@@ -263,6 +265,29 @@ def test_del_during_fio_does_not_hang(images, cli):
     assert not alive(info["pid"])
     assert wait_gone(info["path"], 5) and wait_gone(f"/dev/ublkc{info['id']}", 5)
     assert not os.path.exists(f"{RUN_DIR}/{info['id']}.json")
+
+
+def test_del_refuses_a_mounted_device_and_names_the_mount(images, cli, tmp_path):
+    info = cli("-t", "2", *images(3, 64 << 20))
+    run(["mkfs.ext4", "-q", info["path"]])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run(["mount", info["path"], str(mnt)])
+    try:
+        (mnt / "file").write_text("before del")
+        for args in ([info["id"]], ["--all"], [info["path"]]):
+            p = qb("del", *args)
+            assert p.returncode == 14, (args, p.stderr)
+            assert f"mounted on {mnt}" in p.stderr and "--force" in p.stderr
+        assert alive(info["pid"]) and os.path.exists(info["path"])
+        (mnt / "file").write_text("after del")      # the file system goes on
+        run(["sync"])
+        assert (mnt / "file").read_text() == "after del"
+    finally:
+        run(["umount", str(mnt)])
+    p = qb("del", info["id"])
+    assert p.returncode == 0, p.stderr
+    assert wait_dead(info["pid"])
 
 
 def test_sigterm_to_the_daemon_stops_in_order_under_fio(images, cli):

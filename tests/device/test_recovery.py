@@ -240,6 +240,8 @@ def test_del_of_a_quiesced_device_fails_the_waiting_io(images, cli):
     try:
         assert still_waiting([reader])
         p = qb("del", info["id"], timeout=120)
+        assert p.returncode == 14 and f"open by pid {reader.pid} (dd)" in p.stderr, p.stderr
+        p = qb("del", "--force", info["id"], timeout=120)
         assert p.returncode == 0, p.stderr
         assert reader.wait(timeout=60) != 0     # failed, not hung
     finally:
