@@ -52,22 +52,31 @@ def outside_checkout(path):
     return os.path.commonpath([real, root]) != root
 
 
+# what a checkout holds besides its own files (.gitignore's build products)
+NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+              "*.so", "*.o", ".hypothesis", ".pytest_cache", "logs", "results",
+              "_core.c")
+
+
 def clean_copy(dest):
-    """The checkout's own files (tracked, or new and not ignored), copied to
-    dest without any build products."""
-    listed = subprocess.run(
-        ["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
-         "--exclude-standard"], capture_output=True, text=True)
-    if listed.returncode != 0:
-        pytest.skip(f"cannot list the checkout's files with git: {listed.stderr.strip()}")
-    copied = 0
-    for name in filter(None, listed.stdout.split("\0")):
-        path = os.path.join(ROOT, name)
-        if os.path.isfile(path):
-            os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
-            shutil.copy2(path, os.path.join(dest, name))
-            copied += 1
-    assert os.path.exists(os.path.join(dest, "pyproject.toml")) and copied > 20
+    """The checkout's own files (tracked, or new and not ignored, as git
+    lists them; without git, all but NOT_SOURCE), copied to dest."""
+    try:
+        listed = subprocess.run(
+            ["git", "-C", ROOT, "ls-files", "-z", "--cached", "--others",
+             "--exclude-standard"], capture_output=True, text=True)
+    except FileNotFoundError:
+        listed = None
+    if listed is None or listed.returncode != 0:
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    else:
+        for name in filter(None, listed.stdout.split("\0")):
+            path = os.path.join(ROOT, name)
+            if os.path.isfile(path):
+                os.makedirs(os.path.join(dest, os.path.dirname(name)), exist_ok=True)
+                shutil.copy2(path, os.path.join(dest, name))
+    assert os.path.exists(os.path.join(dest, "pyproject.toml"))
+    assert not [d for d in os.listdir(dest) if d.endswith(".egg-info")]
     return dest
 
 
