@@ -3,6 +3,11 @@
 The cdef is read from the public headers in a fixed order; preprocessor
 lines are dropped and `#define NAME value` becomes `#define NAME ...` so the
 compiler, not this file, supplies the value.
+
+csrc/ is found beside the package directory, in a checkout and in an
+unpacked sdist alike (MANIFEST.in puts every source and header there); the
+sources are named relative to the directory the build runs in, as setuptools
+wants them.
 """
 import os
 import re
@@ -51,21 +56,39 @@ def cdef_text(path):
     return "\n".join(out)
 
 
-def headers():
-    return [h for h in PUBLIC_HEADERS if os.path.exists(os.path.join(CSRC, h))]
-
-
 def sources():
-    return sorted(os.path.join("csrc", f) for f in os.listdir(CSRC)
-                  if f.endswith(".c"))
+    if not os.path.isdir(CSRC):
+        return []
+    return sorted(os.path.relpath(os.path.join(CSRC, f))
+                  for f in os.listdir(CSRC) if f.endswith(".c"))
 
 
+def check_tree():
+    """An incomplete source tree (an sdist without the headers, say) is named
+    here, not left to a compiler error in the middle of the build: every
+    public header, and every header a csrc file includes with quotes."""
+    if not os.path.isdir(CSRC) or not sources():
+        sys.exit(f"quorumblk: cannot build the C core: no C sources in {CSRC}")
+    wanted = set(PUBLIC_HEADERS)
+    for name in os.listdir(CSRC):
+        if name.endswith((".c", ".h")):
+            with open(os.path.join(CSRC, name)) as f:
+                wanted.update(re.findall(r'^\s*#\s*include\s+"([^"]+)"',
+                                         f.read(), re.M))
+    missing = sorted(h for h in wanted
+                     if not os.path.exists(os.path.join(CSRC, h)))
+    if missing:
+        sys.exit(f"quorumblk: cannot build the C core: {CSRC} lacks "
+                 + ", ".join(missing) + " (an incomplete checkout or sdist)")
+
+
+check_tree()
 check_headers()
 ffibuilder = FFI()
-ffibuilder.cdef("\n".join(cdef_text(os.path.join(CSRC, h)) for h in headers()))
+ffibuilder.cdef("\n".join(cdef_text(os.path.join(CSRC, h)) for h in PUBLIC_HEADERS))
 ffibuilder.set_source(
     "quorumblk._core",
-    "\n".join(f'#include "{h}"' for h in headers()),
+    "\n".join(f'#include "{h}"' for h in PUBLIC_HEADERS),
     sources=sources(),
     include_dirs=[CSRC],
     libraries=["uring", "xxhash", "crypto", "pthread"],
