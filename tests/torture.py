@@ -15,6 +15,19 @@ exist, no operation outlives the replica timeout plus a margin, fds and RSS
 do not grow with fail/readd cycles, and after the final scrub every
 in-service replica is byte-identical.
 
+With --device (as root, where the kernel has ublk: the device VM) the same
+campaign runs over /dev/ublkbN: the set is made with `quorumblk add`, the
+load is system calls on the block device opened O_DIRECT (preadv, pwritev
+with RWF_DSYNC for FUA, fsync/fdatasync, BLKDISCARD/BLKZEROOUT and
+fallocate PUNCH_HOLE/ZERO_RANGE), replica changes and scrubs go through the
+quorumblk command, the replicas are dm devices over loop devices over
+images in /dev/shm, and their faults are device-mapper's: dm-error
+(eio, and a replica failed for a readd cycle), dm-flakey (writes fail),
+error ranges (bad sectors, the metadata tail), a suspended table (hang; late:
+held past the timeout, then released). A crash is kill -9 of the daemon
+and of the load process, then `quorumblk recover`. "clean" waits for the
+daemon's own bitmap cleaner.
+
 It prints the seed; on a violation it re-runs shorter prefixes of the same
 schedule (on fresh images, twice each: failures can depend on timing) and
 prints the shortest `--seed S --steps M` that reproduces it. A replay runs
@@ -57,8 +70,12 @@ def parse(argv):
     p.add_argument("--medium", choices=("tmpfs", "disk"),
                    help="where the replica images live (default: per seed)")
     p.add_argument("--dir", help="directory for the images (default: /dev/shm or /var/tmp)")
-    p.add_argument("--margin", type=float, default=2.0,
-                   help="seconds an op may take beyond the replica timeout (default 2)")
+    p.add_argument("--device", action="store_true",
+                   help="run over a real /dev/ublkbN (root, a kernel with ublk; in "
+                        "the device VM), replicas on dm devices in /dev/shm")
+    p.add_argument("--margin", type=float,
+                   help="seconds an op may take beyond the replica timeout "
+                        "(default 2, with --device 8: an emulated VM)")
     p.add_argument("--go-on", action="store_true",
                    help="keep going after a violation (later ones may be its echoes)")
     p.add_argument("--no-bisect", action="store_true",
@@ -90,6 +107,14 @@ def parse(argv):
     if unknown:
         p.error(f"--skip {','.join(unknown)}: not an action kind ({', '.join(sorted(set(DECK)))})")
     args.ignore = tuple(k for k in args.ignore.split(",") if k)
+    if args.device:
+        if os.geteuid() != 0 or not os.path.exists("/dev/ublk-control"):
+            p.error("--device needs root and the ublk driver (modprobe ublk_drv); "
+                    "scripts/test-device boots a VM that has both")
+        if args.medium == "disk":
+            p.error("--device keeps its images in /dev/shm: no --medium disk")
+    if args.margin is None:
+        args.margin = 8.0 if args.device else 2.0
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1 << 31)
     if args.minutes is None and args.steps is None:
@@ -104,7 +129,7 @@ def image_dir(medium, given):
 
 
 def run_once(seed, args, steps=None, deadline=None, log=None, stop=True):
-    setup = Setup.from_seed(seed, args.medium)
+    setup = Setup.from_seed(seed, args.medium, args.device)
     workdir = tempfile.mkdtemp(prefix=f"qbtorture-{seed}-",
                                dir=image_dir(setup.medium, args.dir))
     t0 = time.monotonic()
@@ -162,6 +187,8 @@ def findings_of(rec, args, say):
             continue
         seen.add(v["category"])
         base = f"python tests/torture.py --seed {rec['seed']}"
+        if args.device:
+            base += " --device"
         if args.medium:
             base += f" --medium {args.medium}"
         if args.skip:
@@ -196,7 +223,7 @@ def main(argv=None):
         deadline = time.monotonic() + args.minutes * 60
         seed = args.seed
         while time.monotonic() < deadline:
-            say(f"seed {seed}: {Setup.from_seed(seed, args.medium).describe()}")
+            say(f"seed {seed}: {Setup.from_seed(seed, args.medium, args.device).describe()}")
             records.append(run_once(seed, args, steps=args.seed_steps, deadline=deadline,
                                     log=say, stop=not args.go_on))
             say(f"seed {seed}: {records[-1]['steps']} steps, "

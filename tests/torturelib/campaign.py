@@ -21,7 +21,18 @@ and must hold its acknowledged version or a newer one that was in flight;
 the model then settles on what was read.
 At the end: every fault cleared, every member back, a scrub, and every
 in-service replica's data area byte-identical and as the model says.
+
+The device mode (Setup.device) runs the same loop and checks over
+/dev/ublkbN (device.py's worker, dm.py's replicas). Its crash is the
+daemon's: every dm fault is lifted (a daemon with I/O held in a suspended
+device cannot die), kill -9 of the daemon, then of the worker (whose I/O
+waits on the quiesced device: it dies once that I/O is done), the audit,
+and `quorumblk recover` in the next worker; the old worker must then be
+gone before the read-back.
 """
+import signal
+import subprocess
+import sys
 import collections
 import errno
 import os
@@ -35,6 +46,7 @@ from .replicas import ReplicaFiles
 from .thrasher import ForControl, ForOp, Kill, Sleep, Thrasher
 
 HARD_LIMIT = 20.0           # seconds past timeout + margin: the worker is killed
+REAP_LIMIT = 120.0          # seconds a worker killed at a device crash may take to die
 CONTROL_LIMIT = 330.0       # a control command (jobs included) at most
 START_LIMIT = 120.0         # a worker's assembly and resync at most
 CATEGORIES = ("wrong-read", "lost-write", "unexpected-eio", "hang")
@@ -138,6 +150,7 @@ class Campaign:
         self.excused_blocks = set()
         self.results = {}           # cid -> end message, for call()
         self.late_faults = False
+        self.device = {}            # device mode: dev_id, dev_path, daemon_pid
         self.t0 = time.monotonic()
 
     # ------------------------------------------------------------------ run
@@ -196,7 +209,9 @@ class Campaign:
         s = self.setup
         return {"paths": paths, "threshold": s.threshold, "timeout": s.timeout,
                 "region_shift": s.region_shift, "read_policy": s.read_policy,
-                "max_io": s.max_io, "threads": s.threads, "readd_limit": self.readd_limit}
+                "max_io": s.max_io, "threads": s.threads, "readd_limit": self.readd_limit,
+                "device": s.device, "workdir": self.dir, "size": s.size,
+                "dev_id": self.device.get("dev_id")}
 
     def start_worker(self):
         """Assemble the set in a new worker: the members, and replicas that
@@ -208,7 +223,7 @@ class Campaign:
         for _ in range(len(candidates) + 1):
             self.channel = Channel(self.worker_config(candidates),
                                    os.path.join(self.dir, "worker.log"),
-                                   {"QUORUMBLK_RUN_DIR": os.path.join(self.dir, "run")})
+                                   {"QUORUMBLK_RUN_DIR": self.run_dir()})
             msg = self.wait_for(("ready", "assemble-failed", "eof"), START_LIMIT)
             if msg and msg["ev"] == "ready":
                 break
@@ -226,6 +241,8 @@ class Campaign:
             raise Abort("the replicas no longer assemble")
         self.stats.workers += 1
         self.late_faults = msg.get("late_faults", False)
+        if self.setup.device:
+            self.device = {k: msg[k] for k in ("dev_id", "dev_path", "daemon_pid")}
         self.joining.clear()
         self.leaving.clear()
         self.apply_view(msg, judge=False)
@@ -288,6 +305,16 @@ class Campaign:
         if self.channel is not None:
             self.channel.stop()
             self.channel = None
+        if self.setup.device:
+            if self.device:         # the worker could not delete it
+                subprocess.run([sys.executable, "-m", "quorumblk", "del",
+                                str(self.device["dev_id"])], capture_output=True,
+                               env=dict(os.environ, QUORUMBLK_RUN_DIR=self.run_dir()),
+                               timeout=120)
+            self.files.release()
+
+    def run_dir(self):
+        return os.path.join(self.dir, "run")
 
     # ------------------------------------------------------------- commands
     def control(self, name, **args):
@@ -552,16 +579,34 @@ class Campaign:
         if self.script is not None:
             self.script.close()
         self.script = self.waiting = None
-        self.channel.kill()
+        if self.setup.device:
+            self.kill_daemon()
+        self.channel.kill(wait=not self.setup.device)
         while True:                 # what it reported before it died
-            msg = self.channel.get(10)
+            msg = self.channel.get(2 if self.setup.device else 10)
             if msg is None or msg["ev"] == "eof":
                 break
             if msg["ev"] != "c":    # commands cut short are not judged
                 self.handle(msg)
         self.after_death(reason)
 
+    def kill_daemon(self):
+        """Device mode: lift every dm fault, kill -9 the daemon and wait
+        until it is gone (the kernel then holds the device quiesced)."""
+        self.files.dm.heal_all()
+        pid = self.device["daemon_pid"]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + 60
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < end:
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            self.violation("hang", f"the daemon (pid {pid}) still exists 60 s after kill -9")
+
     def after_death(self, reason):
+        old = self.channel
         self.channel.close()
         in_flight = [op for op in self.tracker.running.values() if op.writes]
         for op in in_flight:
@@ -578,7 +623,20 @@ class Campaign:
         self.script = self.waiting = None
         self.audit.files(after_crash=True)
         self.start_worker()
+        if self.setup.device:
+            self.reap(old)
         self.verify_all()
+
+    def reap(self, old):
+        """The worker killed at a device crash dies once its I/O, waiting
+        on the quiesced device, completed after the recover: before the
+        read-back, so that its writes have landed."""
+        try:
+            old.proc.wait(REAP_LIMIT)
+        except subprocess.TimeoutExpired:
+            self.violation("hang", f"the worker killed at the crash is still there "
+                           f"{REAP_LIMIT:.0f} s after `quorumblk recover`: its I/O "
+                           "never completed")
 
     def verify_all(self):
         """Read every sector back after a restart: each must hold its

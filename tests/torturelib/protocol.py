@@ -100,11 +100,14 @@ class Channel:
                     return
             time.sleep(0.2)
 
-    def kill(self):
-        """kill -9 and reap it; the reader goes on draining the pipe."""
+    def kill(self, wait=True):
+        """kill -9 and reap it; the reader goes on draining the pipe.
+        wait=False: a worker blocked in I/O on a quiesced device dies only
+        once that I/O completes (reap it later with proc.wait)."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        if wait:
+            self.proc.wait()
 
     def stop(self, timeout=30):
         """Ask it to close the quorum and exit; kill it if it does not."""

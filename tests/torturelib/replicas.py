@@ -9,7 +9,12 @@ writes racing the engine's direct I/O on the same pages make the kernel
 fail its page-cache invalidation and the direct write come back short,
 which the engine rightly takes for an I/O error. A flip is therefore a
 read-modify-write of one 4 KiB page: a write racing it may lose its part
-of that page on this replica, so the whole page counts as damaged."""
+of that page on this replica, so the whole page counts as damaged.
+
+In the device mode a replica is a dm device over a loop device over an
+image file (dm.py) of the data size plus the metadata tail: its path is
+the dm device's, and every access here goes to the image file behind it
+(a dm device may be suspended or failing on purpose)."""
 import errno
 import mmap
 import os
@@ -18,6 +23,9 @@ import struct
 import xxhash
 
 from quorumblk import meta
+from quorumblk.meta import lib
+
+from .dm import DmSet
 
 PAGE = 4096
 HEADER = 4096
@@ -33,21 +41,37 @@ class ReplicaFiles:
         self.bitmap_offset = -(-self.size // PAGE) * PAGE
         self.bitmap_used = (self.nregions + 7) // 8
         self.count = 0
+        self.dm = DmSet(directory) if setup.device else None
+        self.backing = {}           # replica path -> its image file
 
     def new(self):
         """A bare, zeroed image of the data size (it gets its metadata when
-        the set is assembled or it joins)."""
+        the set is assembled or it joins); in the device mode a dm device
+        over it, with room for the metadata."""
         path = os.path.join(self.dir, f"r{self.count}.img")
         self.count += 1
         with open(path, "wb") as f:
-            f.truncate(self.size)
+            f.truncate(self.size if self.dm is None else
+                       self.size + lib.qb_meta_overhead(self.size, self.shift))
+        if self.dm is not None:
+            dev = self.dm.make(path).path
+            self.backing[dev] = path
+            return dev
         return path
+
+    def file(self, path):
+        return self.backing.get(path, path)
+
+    def release(self):
+        """Tear down the dm and loop devices (device mode)."""
+        if self.dm is not None:
+            self.dm.remove_all()
 
     # -- changing them behind the engine's back --
     def flip(self, path, offset, bit):
         """Flip one bit: read, change and write back its page."""
         page = offset - offset % PAGE
-        fd = open_direct(path, os.O_RDWR)
+        fd = open_direct(self.file(path), os.O_RDWR)
         try:
             buf = mmap.mmap(-1, PAGE)
             os.preadv(fd, [buf], page)
@@ -58,7 +82,7 @@ class ReplicaFiles:
 
     def write(self, path, offset, data):
         """Whole pages at a page offset."""
-        fd = open_direct(path, os.O_RDWR)
+        fd = open_direct(self.file(path), os.O_RDWR)
         try:
             buf = mmap.mmap(-1, len(data))
             buf[:] = data
@@ -70,7 +94,7 @@ class ReplicaFiles:
     def _pread(self, path, offset, length):
         start = offset - offset % PAGE
         end = -(-(offset + length) // PAGE) * PAGE
-        fd = open_direct(path, os.O_RDONLY)
+        fd = open_direct(self.file(path), os.O_RDONLY)
         try:
             buf = mmap.mmap(-1, end - start)
             got = os.preadv(fd, [buf], start)
@@ -102,7 +126,7 @@ class ReplicaFiles:
         return range(first, last)
 
     def header_offsets(self, path):
-        end = os.path.getsize(path)
+        end = os.path.getsize(self.file(path))
         return (end - 2 * HEADER, end - HEADER)
 
     def header_copies_valid(self, path):
@@ -120,7 +144,7 @@ class ReplicaFiles:
         """(state name, full-sync flag) from the replica's own header, or
         None when it has none that reads."""
         try:
-            m, _ = meta.read(path)
+            m, _ = meta.read(self.file(path))
         except meta.SetError:
             return None
         if m is None:

@@ -45,6 +45,8 @@ FAULT_OPS = (("read",), ("write",), ("read", "write"), ("flush",),
 LATE_OPS = (("write",), ("write",), ("read",), ("write", "flush"),
             ("discard", "write_zeroes"))
 SABOTAGE = ("wrong-read", "lost-write", "eio", "hang", "stray")
+DEVICE_TIMEOUT = 2.0        # seconds: the replica timeout in the device mode
+DEVICE_REGION_SHIFT = 22    # what `quorumblk add` picks below 1 TiB (meta.py)
 
 
 @dataclass(frozen=True)
@@ -59,23 +61,31 @@ class Setup:
     threads: int            # load threads in the worker
     read_policy: str
     medium: str             # "tmpfs" or "disk"
+    device: bool = False    # ops on /dev/ublkbN, replicas on dm devices (dm.py)
 
     @classmethod
-    def from_seed(cls, seed, medium=None):
+    def from_seed(cls, seed, medium=None, device=False):
+        """device: what `quorumblk add` gives (4 MiB bitmap regions), the
+        image files in /dev/shm behind dm and loop devices, and a timeout
+        an emulated VM keeps without spurious failures."""
         rng = random.Random(f"{seed}/setup")
         n, t = rng.choice(SHAPES)
         medium = medium or rng.choice(MEDIA)
         timeout = rng.choice((0.5, 1.0)) if medium == "tmpfs" else 1.0
-        return cls(seed=seed, replicas=n, threshold=t, size=rng.choice(SIZES),
-                   region_shift=rng.choice(REGION_SHIFTS), timeout=timeout,
+        size, shift = rng.choice(SIZES), rng.choice(REGION_SHIFTS)
+        if device:
+            medium, timeout, shift = "tmpfs", DEVICE_TIMEOUT, DEVICE_REGION_SHIFT
+        return cls(seed=seed, replicas=n, threshold=t, size=size, region_shift=shift, timeout=timeout,
                    max_io=rng.choice((256 * KiB, 1 * MiB)),
                    threads=rng.choice((2, 3, 4)),
                    read_policy=rng.choice(("all", "all", "all", "threshold")),
-                   medium=medium)
+                   medium=medium, device=device)
 
     def describe(self):
+        where = "/dev/ublkbN over dm devices over images in /dev/shm" if self.device \
+            else self.medium
         return (f"{self.replicas} replicas, threshold {self.threshold}; "
-                f"{self.size >> 20} MiB on {self.medium}; bitmap regions of "
+                f"{self.size >> 20} MiB on {where}; bitmap regions of "
                 f"{(1 << self.region_shift) >> 10} KiB; timeout {self.timeout} s; "
                 f"max_io {self.max_io >> 10} KiB; policy {self.read_policy}; "
                 f"{self.threads} load threads")
@@ -198,7 +208,8 @@ def make_action(rng, kind, setup):
     elif kind == "fail-readd":
         p["cycles"] = rng.randint(1, 3)
     elif kind == "burst":
-        p["cycles"] = rng.randint(10, 40)
+        # a device cycle is a dm table swap and a `quorumblk readd`: slower
+        p["cycles"] = rng.randint(8, 12) if setup.device else rng.randint(10, 40)
     elif kind == "clean":
         p["idle"] = rng.choice((0.0, 0.0, 0.05, 0.5))
     elif kind == "crash-during":

@@ -2,6 +2,10 @@
 without the device (meta.assemble, Quorum, meta.commit, Quorum.set_meta,
 meta.resync), serving what the controller sends (protocol.py).
 
+The device mode's worker (device.py) is a subclass: the same lanes and
+commands over /dev/ublkbN and the quorumblk command instead of the engine;
+the few things it does differently are the methods it overrides.
+
 Operations run on lanes of threads: "load" (the batch, several threads)
 and "probe" (one thread, for the thrasher's single reads and writes, so
 they do not wait behind the batch). Writes take a range lock, so writes in
@@ -141,12 +145,12 @@ def diagnose_on_signal(worker):
     threading.Thread(target=wait, daemon=True, name="diagnosis").start()
 
 
-def open_fds():
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(pid="self"):
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
+def rss_bytes(pid="self"):
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -177,6 +181,10 @@ class Worker:
         self.life = lifecycle.Lifecycle(self.q)
         return report
 
+    def ready(self):
+        """What the ready message says besides the replicas."""
+        return {}
+
     def index(self, path):
         """The engine index of a replica path (the live one, not removed)."""
         states = self.q.replica_states()
@@ -190,6 +198,32 @@ class Worker:
 
     def view(self):
         return {"paths": list(self.q.paths), "states": self.q.replica_states()}
+
+    # -- what the engine and the device do differently (device.py) --
+    def run_job(self, kind, *args):
+        """A lifecycle job (readd, scrub, replace, add-replica) to its end."""
+        return self.wait_job(getattr(self.life, kind.replace("-", "_"))(*args))
+
+    def remove(self, path):
+        return self.life.remove_replica(path)
+
+    def fail(self, path):
+        """Take path out of service, as a failure would."""
+        self.q.set_state(self.index(path), "failed")
+
+    def clear_fault(self, path):
+        """path's fault ends; what it still held is released."""
+        i = self.index(path)
+        self.q.inject(i, None)
+        if LATE_FAULTS:
+            self.q.release(i)
+
+    def served(self):
+        """(status with per-replica counters, new events, pid serving I/O)"""
+        return self.q.status(), self.q.events(), "self"
+
+    def close(self):
+        self.q.close()
 
     # -- operations --
     def run_op(self, op):
@@ -278,7 +312,7 @@ class Worker:
             raise ReaddLimit(f"this worker did its {self.readd_limit} readds "
                              "(--readd-limit): the campaign restarts it")
         self.readds += 1
-        return self.wait_job(self.life.readd(path))
+        return self.run_job("readd", path)
 
     def bring_back(self, path):
         """Readd path until it is in service; the new engine refuses while
@@ -298,17 +332,17 @@ class Worker:
         return {"back": self.state(path) == "in-service", "refused_busy": refused}
 
     def cmd_status(self):
-        st = self.q.status()
+        st, events, pid = self.served()
         counts, failures = {}, []
-        for e in self.q.events():
+        for e in events:
             counts[e["type"]] = counts.get(e["type"], 0) + 1
             if e["type"] in ("replica-failed", "replica-error"):
                 failures.append({k: e[k] for k in ("type", "path", "offset", "length",
                                                    "errno", "time")})
         keys = ("timeouts", "errors", "late", "owed", "bad_blocks", "repairs")
         return {"replicas": [{k: r.get(k) for k in keys} for r in st["replicas"]],
-                "events": counts, "failures": failures[-20:], "fds": open_fds(),
-                "rss": rss_bytes(), "cycles": self.cycles, "readds": self.readds}
+                "events": counts, "failures": failures[-20:], "fds": open_fds(pid),
+                "rss": rss_bytes(pid), "cycles": self.cycles, "readds": self.readds}
 
     def cmd_inject(self, replica, kind, ops, offset, length, count, delay=0.0):
         self.q.inject(self.index(replica), kind, ops=tuple(ops), offset=offset,
@@ -316,7 +350,7 @@ class Worker:
         return {}
 
     def cmd_fail(self, replica):
-        self.q.set_state(self.index(replica), "failed")
+        self.fail(replica)
         return {}
 
     def cmd_readd(self, replica):
@@ -333,26 +367,24 @@ class Worker:
     def cmd_heal(self, replica):
         """Clear the replica's fault, let what it still had out be
         abandoned, and bring it back."""
-        i = self.index(replica)
-        self.q.inject(i, None)
-        if LATE_FAULTS:
-            self.q.release(i)
+        self.clear_fault(replica)
         time.sleep(self.timeout * 1.5)
         return self.bring_back(replica)
 
     def cmd_cycles(self, replica, count):
-        before = {"fds": open_fds(), "rss": rss_bytes()}
+        pid = self.served()[2]
+        before = {"fds": open_fds(pid), "rss": rss_bytes(pid)}
         done = 0
         for _ in range(count):
             if self.readd_limit and self.readds >= self.readd_limit - 1:
                 break
-            self.q.set_state(self.index(replica), "failed")
+            self.fail(replica)
             self.readd(replica)
             done += 1
             self.cycles += 1
         time.sleep(0.05)                # the last job thread's context goes
         return {"done": done, "before": before,
-                "after": {"fds": open_fds(), "rss": rss_bytes()}}
+                "after": {"fds": open_fds(pid), "rss": rss_bytes(pid)}}
 
     def cmd_late(self, replica, ops, delay, clean_after):
         """A replica I/O completes late: the old engine's "delay" (it starts
@@ -392,22 +424,22 @@ class Worker:
         return out
 
     def cmd_scrub(self):
-        return self.wait_job(self.life.scrub())
+        return self.run_job("scrub")
 
     def cmd_clean(self, idle):
         return {"cleared": self.q.clean(idle=idle)}
 
     def cmd_replace(self, old, new):
-        return self.wait_job(self.life.replace(old, new))
+        return self.run_job("replace", old, new)
 
     def cmd_add_replica(self, path):
-        return self.wait_job(self.life.add_replica(path))
+        return self.run_job("add-replica", path)
 
     def cmd_remove_replica(self, replica):
-        return self.life.remove_replica(replica)
+        return self.remove(replica)
 
     def cmd_stop(self):
-        self.q.close()
+        self.close()
         self.out.send(ev="stopped")
         os._exit(0)
 
@@ -450,13 +482,18 @@ def main():
     faulthandler.enable()           # a crash in the engine leaves its trace in the log
     worker = Worker(config, out)
     diagnose_on_signal(worker)
+    if config.get("device"):
+        from .device import DeviceWorker
+        worker = DeviceWorker(config, out)
+    else:
+        worker = Worker(config, out)
     try:
         report = worker.open()
     except (meta.SetError, QuorumError) as e:
         out.send(ev="assemble-failed", error=str(e))
         os._exit(3)
     out.send(ev="ready", resync=report, pid=os.getpid(), late_faults=LATE_FAULTS,
-             **worker.view())
+             **worker.ready(), **worker.view())
     worker.serve()
 
 
