@@ -27,12 +27,7 @@ from torturelib.schedule import DECK, Schedule, Setup  # noqa: E402
 SEED = 24                   # 3 replicas, threshold 2, 8 MiB, policy all
 STEPS = len(DECK)           # one deck: every action kind once
 MARGIN = 8.0                # seconds past the replica timeout (an emulated VM)
-# A known defect, dealt as quiet steps until it is fixed: with one replica
-# suspended past the timeout ("late"), a flush and a FUA write on the device
-# stayed blocked until the resume (30 s; `tests/torture.py --device --seed 24
-# --steps 16` in the VM, step 15), and `quorumblk recover` after the kill
-# -9 that followed did not finish in 120 s.
-SKIP = ("late",)
+SKIP = ()                   # action kinds dealt as quiet steps: none
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -66,7 +61,7 @@ def test_a_device_campaign_holds_every_invariant_and_injects_every_fault(scratch
     assert s.steps == STEPS
     assert s.final["identical"] and s.final["in_service"] >= setup.threshold, s.final
     for kind in ("flip-data", "fail-readd", "scrub", "clean", "replace",
-                 "add-replica", "remove-replica", "no-quorum"):
+                 "add-replica", "remove-replica", "no-quorum", "late"):
         assert s.faults[kind] > 0, (kind, dict(s.faults), dict(s.skipped))
     for kind in ("eio", "hang"):        # on the data or on the metadata tail
         assert s.faults[kind] + s.faults[kind + "-meta"] > 0, (kind, dict(s.faults))
@@ -83,14 +78,12 @@ def test_a_device_campaign_holds_every_invariant_and_injects_every_fault(scratch
 
 @pytest.mark.timeout(60 * 60 + 1800)
 @pytest.mark.parametrize("minutes", (20, 60))
-def test_torture_long(minutes, request):
-    """A long device campaign, only when asked for by name (`-k
-    "torture_long and 20"`): tests/torture.py --device for that many
-    minutes, seeds from 1000 on, two decks each, past the known defect
-    (SKIP); the figures table goes to
-    the output and to tests/device/logs/torture-long.txt."""
-    if "torture_long" not in (request.config.getoption("keyword") or ""):
-        pytest.skip('a long run: select it with -k "torture_long and MINUTES"')
+def test_torture_long(minutes):
+    """A long device campaign, collected only when asked for by name (`-k
+    "torture_long and 20"`; conftest.py deselects it otherwise):
+    tests/torture.py --device for that many minutes, seeds from 1000 on,
+    two decks each; the figures table goes to the output and to
+    tests/device/logs/torture-long.txt."""
     p = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "torture.py"),
                         "--device", "--seed", "1000", "--minutes", str(minutes),
                         "--seed-steps", str(2 * STEPS), "--skip", ",".join(SKIP),

@@ -480,13 +480,12 @@ def main():
     config = json.loads(sys.stdin.readline())
     out = Out()
     faulthandler.enable()           # a crash in the engine leaves its trace in the log
-    worker = Worker(config, out)
-    diagnose_on_signal(worker)
     if config.get("device"):
         from .device import DeviceWorker
         worker = DeviceWorker(config, out)
     else:
         worker = Worker(config, out)
+    diagnose_on_signal(worker)
     try:
         report = worker.open()
     except (meta.SetError, QuorumError) as e:
