@@ -193,6 +193,8 @@ def test_a_replica_that_turns_to_errors_under_load_rejoins_after_it_heals(
     def swap_under_load():
         _wait_writes(info["id"], minimum=300)
         flaky.error()
+        # the premise, whenever fio's writes end: a write after the swap
+        dd_write(info["path"], 40 * MIB, 1, seed=9)
 
     _fio_done(_fio_verify(info["path"], size="24m", seed=31), swap_under_load)
     assert states(info["id"]) == ["in-service", "in-service", "failed"]
@@ -224,14 +226,11 @@ def _in_thread(fn):
     return t, out
 
 
-def _diagnosis(dev_id):
-    """For a request that does not end: the device's state, and where the
-    daemon's threads and this process's are in the kernel."""
-    st = status(dev_id)
-    lines = [json.dumps({k: st.get(k) for k in ("replicas", "events", "pid")},
-                        default=str)[:6000]]
-    for pid in (st.get("pid"), os.getpid()):
-        for task in sorted(os.listdir(f"/proc/{pid}/task")) if pid else ():
+def _stacks(*pids):
+    """Where these processes' threads are in the kernel."""
+    lines = []
+    for pid in pids:
+        for task in sorted(os.listdir(f"/proc/{pid}/task")):
             base = f"/proc/{pid}/task/{task}"
             try:
                 with open(f"{base}/comm") as f:
@@ -242,6 +241,14 @@ def _diagnosis(dev_id):
                 comm, stack = "?", str(e)
             lines.append(f"{pid}/{task} {comm}: {stack}")
     return "\n".join(lines)
+
+
+def _diagnosis(dev_id, pid):
+    """For a request that does not end: the device's state, and where the
+    daemon's threads and this process's are."""
+    st = status(dev_id)
+    return json.dumps({k: st.get(k) for k in ("replicas", "events")},
+                      default=str)[:6000] + "\n" + _stacks(pid, os.getpid())
 
 
 @pytest.mark.parametrize("op", ["flush", "fua-write", "read", "status"])
@@ -275,10 +282,12 @@ def test_a_hung_replica_holds_no_request_of_any_kind_past_the_timeout(
         t.join(timeout + MARGIN)
         still = t.is_alive()
         if still:
-            print(_diagnosis(dev_id))
+            print(_diagnosis(dev_id, info["pid"]))
         answered = None if op == "status" else _in_thread(lambda: status(dev_id))
         if answered:
-            answered[0].join(MARGIN)
+            answered[0].join(2 * MARGIN)    # a new command's start, in TCG
+            if answered[0].is_alive():
+                print(_stacks(info["pid"]))
     finally:
         hung.resume()
     t.join(120)
