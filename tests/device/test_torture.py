@@ -1,6 +1,7 @@
 """The seeded torture campaign (tests/torture.py --device, issue 8) over a
 real /dev/ublkbN, in the VM: one deck of actions (every kind dealt once,
-about five minutes under TCG) on a set made by `quorumblk add`, with load
+about 13 minutes under TCG: a daemon kill + recover
+costs ~40 s, a burst of readds ~90 s) on a set made by `quorumblk add`, with load
 from several threads as system calls on the block device, replica changes
 and scrubs through the command, faults from device-mapper under the
 replicas, and kill -9 of the daemon + `quorumblk recover`.
