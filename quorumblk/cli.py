@@ -14,27 +14,11 @@ import os
 import sys
 import time
 
-from . import __version__, daemon, runtime
-from .errors import QuorumError
-from .runtime import CommandError
+from . import __version__, daemon, errors, runtime
+from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
+                     UsageError, exit_status_text)
 
-EXIT_CODES = """exit status:
-  0 success             5 replica used by another device
-  1 other failure       6 device id in use
-  2 bad usage           7 no such device
-  3 not root            8 daemon did not answer or stop in time
-  4 no ublk driver      9 the device did not start (or recover)
-                       10 the replicas were refused (threshold, size, open,
-                          identity) or a replica change was refused
-                       11 another job (scrub, resync) runs on the device
-                       12 scrub found blocks without quorum (left as they were)
-                       13 not recoverable (daemon alive, device not quiesced)
-                       14 the device is in use (mounted, open): del refused
-"""
-JOB_FAILED = 1
-NO_QUORUM_FOUND = 12
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-ENGINE_REFUSED = 10
 
 
 def _positive_int(text):
@@ -122,7 +106,7 @@ def build_parser():
         prog="quorumblk",
         description="A block device (/dev/ublkbN) over N replica images: writes go "
                     "to every replica, reads are voted per block.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=exit_status_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true",
                    help="show a traceback on errors")
     p.add_argument("--version", action="version", version=f"quorumblk {__version__}")
@@ -269,7 +253,7 @@ def build_parser():
 
 def cmd_add(args):
     if len(args.replicas) > 16:
-        raise CommandError(f"{len(args.replicas)} replicas: at most 16", exit_code=2)
+        raise UsageError(f"{len(args.replicas)} replicas: at most 16")
     engine = {"read_policy": args.read_policy, "hash": args.hash,
               "vote_block": args.vote_block, "repair": args.repair,
               "buffered": args.buffered, "timeout": args.timeout}
@@ -457,10 +441,9 @@ def _finish(job, as_json, describe):
     if as_json:
         print(json.dumps({"type": "result", **job}, sort_keys=True))
     if job["state"] == "cancelled":
-        raise CommandError(f"{job['what']} was cancelled: {job['error']}",
-                           exit_code=JOB_FAILED)
+        raise CommandError(f"{job['what']} was cancelled: {job['error']}")
     if job["state"] != "done":
-        raise CommandError(f"{job['what']} failed: {job['error']}", exit_code=JOB_FAILED)
+        raise CommandError(f"{job['what']} failed: {job['error']}")
     if not as_json:
         print(describe(job["result"], job))
     return 0
@@ -476,7 +459,7 @@ def cmd_scrub(args):
                 f"{r['repaired']} repaired; {r['unrecoverable']} without quorum")
     rc = _finish(job, args.json, describe)
     if job is not None and job["result"]["unrecoverable"]:
-        return NO_QUORUM_FOUND
+        return NoQuorumFoundError.exit_code
     return rc
 
 
@@ -533,7 +516,7 @@ def cmd_job_cancel(args, timeout=60.0):
     deadline = time.monotonic() + timeout
     while job["state"] == "running":
         if time.monotonic() > deadline:
-            raise runtime.DaemonError(f"{job['what']} was asked to stop and still "
+            raise errors.DaemonError(f"{job['what']} was asked to stop and still "
                                       f"runs {timeout:.0f} s later")
         time.sleep(0.1)
         job = runtime.request(st["id"], "job")["job"]
@@ -577,7 +560,7 @@ def main(argv=None):
     except QuorumError as e:
         if args.debug:
             raise
-        return _fail(args, str(e), ENGINE_REFUSED)
+        return _fail(args, str(e), RefusedError.exit_code)
     except OSError as e:
         if args.debug:
             raise

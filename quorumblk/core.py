@@ -176,6 +176,24 @@ class Quorum:
             lib.qb_quorum_close(q)
         self._local = threading.local()
 
+    @property
+    def closed(self):
+        return self._q is None
+
+    def serve(self, start):
+        """For a front end that serves this quorum (quorumblk.device):
+        start(the C quorum) makes the device; it is stopped before the quorum
+        closes. Returns what start returned."""
+        if self._q is None:
+            raise QuorumError(errno.EBADF, "the quorum is closed")
+        dev = start(self._q)
+        self._devices.add(dev)
+        return dev
+
+    def served_no_more(self, dev):
+        """dev stopped serving this quorum."""
+        self._devices.discard(dev)
+
     def after_fork(self):
         """In a forked child (the daemon): the engine's threads and this
         thread's context stay with the parent; the child gets its own."""

@@ -21,10 +21,10 @@ import time
 import traceback
 import warnings
 
-from . import lifecycle, meta, runtime
+from . import errors, lifecycle, meta, runtime
 from .core import Quorum
-from .errors import QuorumError
-from .runtime import CommandError, DaemonError, NoSuchDeviceError, StartError
+from .errors import (CommandError, DaemonError, NoSuchDeviceError, QuorumError,
+                     RefusedError, StartError, UsageError)
 
 EVENT_DRAIN_S = 0.2
 CLEAN_EVERY_S = 1.0         # look for idle dirty regions this often
@@ -33,7 +33,6 @@ RECENT_EVENTS = 100
 LIFECYCLE = ("job", "cancel", "scrub", "readd", "replace", "add-replica", "remove-replica")
 START_TIMEOUT = 180.0       # the VM under emulation is slow to start queues
 DEVICE_MAX_IO = 512 * 1024
-REPLICAS_REFUSED = 10       # cli's exit status for refused replicas
 
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
@@ -55,9 +54,8 @@ def check_set(replicas, threshold, engine, reuse=None):
     I/O), and their metadata (quorumblk.meta: a new set is only planned).
     Returns (plan, warnings as text)."""
     if not 1 <= threshold <= len(replicas):
-        raise CommandError(f"threshold {threshold} out of range: it must be 1 to "
-                           f"{len(replicas)} (the number of replicas)",
-                           exit_code=REPLICAS_REFUSED)
+        raise RefusedError(f"threshold {threshold} out of range: it must be 1 to "
+                           f"{len(replicas)} (the number of replicas)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_free([runtime.replica_identity(p) for p in replicas
@@ -111,7 +109,7 @@ def check_free(idents, skip=None):
     if clashes:
         path, other, theirs = clashes[0]
         same = "" if path == theirs else f" as {theirs}"
-        raise runtime.ReplicaInUseError(
+        raise errors.ReplicaInUseError(
             f"replica {path} is already used by quorumblk device {other}{same} "
             f"(/dev/ublkb{other})")
 
@@ -125,12 +123,12 @@ def check_add(replicas, dev_id):
     if dev_id is not None and dev_id >= 0:
         why = runtime.id_in_use(dev_id)
         if why:
-            raise runtime.IdInUseError(f"device id {dev_id} is in use: {why}")
+            raise errors.IdInUseError(f"device id {dev_id} is in use: {why}")
     runtime.ublk_check()
     device = _device_module()
     ok, reason = device.ublk_available()
     if not ok:
-        raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+        raise errors.UblkMissingError(f"ublk cannot be used: {reason}")
     return idents
 
 
@@ -322,7 +320,8 @@ class Daemon:
             return {"ok": True, "stopping": True, "pid": os.getpid()}
         if command in LIFECYCLE:
             return self._lifecycle(command, args)
-        return {"ok": False, "error": f"unknown command {command!r}", "exit_code": 2}
+        return {"ok": False, "error": f"unknown command {command!r}",
+                "exit_code": UsageError.exit_code}
 
     def _lifecycle(self, command, args):
         """readd, replace, add-replica, remove-replica, scrub, job, cancel:
@@ -359,7 +358,7 @@ class Daemon:
         except CommandError as e:
             return {"ok": False, "error": str(e), "exit_code": e.exit_code}
         except QuorumError as e:
-            return {"ok": False, "error": str(e), "exit_code": lifecycle.REFUSED}
+            return {"ok": False, "error": str(e), "exit_code": RefusedError.exit_code}
         except OSError as e:
             return {"ok": False, "error": f"{e.filename or ''} {e.strerror or e}".strip(),
                     "exit_code": 1}
@@ -379,7 +378,7 @@ class Daemon:
         return st
 
     def drain_events(self):
-        if self.q._q is None:
+        if self.q.closed:
             return
         evs = self.q.events()
         if not evs:
@@ -433,7 +432,7 @@ class Daemon:
 
 
 def _bad(why):
-    return {"ok": False, "error": f"bad request: {why}", "exit_code": 2}
+    return {"ok": False, "error": f"bad request: {why}", "exit_code": UsageError.exit_code}
 
 
 def log(msg):
@@ -539,7 +538,7 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
         return _detach(q, idents, engine, devopts, lock, report)
     finally:
         lock.release()
-        if q is not None and q._q is not None and not foreground:
+        if q is not None and not q.closed and not foreground:
             q.close()
 
 
@@ -767,7 +766,7 @@ def delete(dev, timeout=30.0, force=False):
         # a quiesced device is not probed: an open of it could wait for I/O
         who = runtime.holders(st["path"], skip={os.getpid(), st["pid"]}, probe=live)
         if who:
-            raise runtime.BusyError(
+            raise errors.DeviceInUseError(
                 f"device {st['id']} ({st['path']}) is in use: {'; '.join(who)}: "
                 "refused (unmount or close it first, or `quorumblk del --force` "
                 "stops it anyway: I/O then fails)")
@@ -893,7 +892,7 @@ def _recoverable(dev_id):
         raise NoSuchDeviceError(f"no quorumblk device {dev_id} "
                                 f"(no {runtime.state_path(dev_id)})")
     if runtime.is_live(st):
-        raise runtime.NotRecoverableError(
+        raise errors.NotRecoverableError(
             f"quorumblk device {dev_id}: its daemon (pid {st['pid']}) is alive: "
             "nothing to recover")
     if not runtime.kernel_has(dev_id):
@@ -903,7 +902,7 @@ def _recoverable(dev_id):
                                 "stale state")
     why = _orphan_state(st)
     if why["state"] != "quiesced":
-        raise runtime.NotRecoverableError(f"quorumblk device {dev_id} cannot be "
+        raise errors.NotRecoverableError(f"quorumblk device {dev_id} cannot be "
                                           f"recovered: {why['error']}")
     return st
 
@@ -959,13 +958,13 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
         idents = [runtime.replica_identity(p) for p in paths]
         for mine, old in zip(idents, theirs):
             if not runtime.same_replica(mine, old):
-                raise runtime.NotRecoverableError(
+                raise errors.NotRecoverableError(
                     f"quorumblk device {dev_id}: {mine['path']} is not the replica "
                     "the device had under that name (another file or device now): refused")
         runtime.ublk_check()
         ok, reason = _device_module().ublk_available()
         if not ok:
-            raise runtime.UblkMissingError(f"ublk cannot be used: {reason}")
+            raise errors.UblkMissingError(f"ublk cannot be used: {reason}")
         q = open_set(paths, threshold, engine, plan)
         report = prepare(q, plan)
         if warn and report["reason"] != "none":
@@ -976,5 +975,5 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
         return _detach(q, idents, engine, devopts, lock, report, recover=True)
     finally:
         lock.release()
-        if q is not None and q._q is not None and not foreground:
+        if q is not None and not q.closed and not foreground:
             q.close()

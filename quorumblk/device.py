@@ -51,6 +51,13 @@ def _check(ret):
     return raise_for(ret, lib, ffi)
 
 
+def _made(make, *args):
+    """The struct qb_dev * that make(*args, out) returns in out."""
+    out = ffi.new("struct qb_dev **")
+    _check(make(*args, out))
+    return out[0]
+
+
 def feature_names(mask):
     """The names of the UBLK_F_* bits set in mask (unknown bits as 'bit N')."""
     names = [n for n, b in FEATURES.items() if mask & (1 << b)]
@@ -178,7 +185,7 @@ class Device:
         Raises InvalidArgumentError for bad parameters or an id in use
         (EEXIST), QuorumError otherwise; on any failure no device is left.
         """
-        if getattr(quorum, "_q", None) is None:
+        if quorum.closed:
             raise QuorumError(errno.EBADF, "the quorum is closed")
         for name, value in (("depth", depth), ("block size", block_size),
                             ("device id", dev_id),
@@ -200,11 +207,7 @@ class Device:
         p.logical_bs = block_size
         p.dev_id = dev_id
         p.flags = lib.QB_DEV_USER_RECOVERY if user_recovery else 0
-        out = ffi.new("struct qb_dev **")
-        _check(lib.qb_dev_start(quorum._q, p, out))
-        dev = cls(quorum, out[0])
-        quorum._devices.add(dev)    # Quorum.close() stops it first
-        return dev
+        return quorum.serve(lambda cq: cls(quorum, _made(lib.qb_dev_start, cq, p)))
 
     @classmethod
     def recover(cls, quorum, dev_id, *, block_size=0):
@@ -233,11 +236,8 @@ class Device:
         lib.qb_dev_params_default(p)
         p.logical_bs = block_size
         p.flags = lib.QB_DEV_USER_RECOVERY
-        out = ffi.new("struct qb_dev **")
-        _check(lib.qb_dev_recover(quorum._q, dev_id, p, out))
-        dev = cls(quorum, out[0])
-        quorum._devices.add(dev)
-        return dev
+        return quorum.serve(
+            lambda cq: cls(quorum, _made(lib.qb_dev_recover, cq, dev_id, p)))
 
     def info(self):
         """dev_info() of this device (asks the kernel)."""
@@ -260,7 +260,7 @@ class Device:
         if self._d is None:
             return
         d, self._d = self._d, None
-        self.quorum._devices.discard(self)
+        self.quorum.served_no_more(self)
         _check(lib.qb_dev_stop(d))
 
     @property

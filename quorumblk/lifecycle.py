@@ -28,18 +28,14 @@ import os
 import threading
 import time
 
-from . import meta, runtime
-from .errors import QuorumError
-from .runtime import CommandError
-
-REFUSED = 10                    # the replicas were refused (cli's exit codes)
+from . import errors, meta, runtime
+from .errors import CommandError, JobRunningError, QuorumError, RefusedError
 OWED_WAIT_S = 2.0               # readd waits this long for I/O still owed
 ANSWER_S = 2.0                  # and this long for the replica's header
 
 
-class LifecycleError(CommandError):
+class LifecycleError(RefusedError):
     """the replica set cannot be changed that way."""
-    exit_code = REFUSED
 
 
 class OwedError(LifecycleError):
@@ -56,11 +52,6 @@ class CancelledError(CommandError):
 
 class NoJobError(CommandError):
     """no job runs on this device."""
-
-
-class BusyError(CommandError):
-    """another job runs on this device."""
-    exit_code = 11
 
 
 def _answer_within(call, seconds, what):
@@ -211,7 +202,7 @@ class Lifecycle:
         things back when the job is cancelled."""
         with self._lock:
             if self.job is not None and self.job.state == "running":
-                raise BusyError(f"a {self.job.kind} runs on this device "
+                raise JobRunningError(f"a {self.job.kind} runs on this device "
                                 f"({self.job.to_dict()['percent']}%): wait for it")
             self.job = job
 
@@ -254,7 +245,7 @@ class Lifecycle:
 
     def _check_idle(self):
         if self.job is not None and self.job.state == "running":
-            raise BusyError(f"a {self.job.kind} runs on this device: wait for it")
+            raise JobRunningError(f"a {self.job.kind} runs on this device: wait for it")
 
     def scrub(self, repair=True, rate=None):
         q = self.q
@@ -425,7 +416,7 @@ class Lifecycle:
                    if not self._mine(c[2])]
         if clashes:
             _p, other, theirs = clashes[0]
-            raise runtime.ReplicaInUseError(
+            raise errors.ReplicaInUseError(
                 f"replica {path} is already used by quorumblk device {other} "
                 f"as {theirs}")
 

@@ -38,7 +38,7 @@ import time
 import uuid
 
 from ._core import ffi, lib
-from .runtime import CommandError
+from .errors import RefusedError
 
 IN_SERVICE = lib.QB_REPLICA_IN_SERVICE
 FAILED = lib.QB_REPLICA_FAILED
@@ -53,9 +53,8 @@ REGION_SHIFT_MIN = 22          # 4 MiB regions ...
 MAX_REGIONS = 1 << 18          # ... or larger, for a bitmap of at most 32 KiB
 
 
-class SetError(CommandError):
+class SetError(RefusedError):
     """the replicas do not make a valid replica set."""
-    exit_code = 10
 
 
 def region_shift_for(data_size):

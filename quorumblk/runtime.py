@@ -27,64 +27,11 @@ import stat
 import tempfile
 import time
 
+from .errors import (CommandError, DaemonError, NoSuchDeviceError, NotRootError,
+                     UblkMissingError)
+
 DEFAULT_RUN_DIR = "/run/quorumblk"
 CONTROL_TIMEOUT = 5.0
-
-
-class CommandError(Exception):
-    """quorumblk failed."""
-    exit_code = 1
-
-    def __init__(self, message=None, exit_code=None):
-        super().__init__(message or self.__doc__)
-        if exit_code is not None:
-            self.exit_code = exit_code
-
-
-class NotRootError(CommandError):
-    """quorumblk must be run as root."""
-    exit_code = 3
-
-
-class UblkMissingError(CommandError):
-    """the kernel's ublk driver is not available."""
-    exit_code = 4
-
-
-class ReplicaInUseError(CommandError):
-    """a replica is already used by another quorumblk device."""
-    exit_code = 5
-
-
-class IdInUseError(CommandError):
-    """the device id is already in use."""
-    exit_code = 6
-
-
-class NoSuchDeviceError(CommandError):
-    """no such quorumblk device."""
-    exit_code = 7
-
-
-class NotRecoverableError(CommandError):
-    """the device cannot be recovered (its daemon runs, or the kernel does
-    not hold it quiesced)."""
-    exit_code = 13
-
-
-class DaemonError(CommandError):
-    """the device's daemon did not answer or did not stop in time."""
-    exit_code = 8
-
-
-class BusyError(CommandError):
-    """the device is in use (mounted, held or open)."""
-    exit_code = 14
-
-
-class StartError(CommandError):
-    """the device could not be started."""
-    exit_code = 9
 
 
 def run_dir():

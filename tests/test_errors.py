@@ -6,6 +6,7 @@ import os
 import pytest
 
 from conftest import BS, IMAGE_SIZE, images, make_images
+from quorumblk import errors
 from quorumblk import (DegradedError, InvalidArgumentError, NoQuorumError,
                        Quorum, QuorumError)
 
@@ -25,6 +26,28 @@ def test_exception_family():
     for cls in (NoQuorumError, DegradedError, InvalidArgumentError):
         assert issubclass(cls, QuorumError)
     assert issubclass(QuorumError, OSError)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_command_error_has_its_exit_status_in_the_one_table():
+    """The command's errors come from one family (every module's own
+    errors are subclasses), and each one's exit status is a row of
+    errors.EXIT_STATUS, which --help prints whole."""
+    import quorumblk.cli  # noqa: F401  (imports every module with errors)
+    table = dict(errors.EXIT_STATUS)
+    subs = list(_subclasses(errors.CommandError))
+    assert len(subs) >= 14
+    for cls in [errors.CommandError] + subs:
+        assert cls.exit_code in table, (cls, cls.exit_code)
+    assert sorted(table) == list(range(15))
+    text = errors.exit_status_text()
+    for code, what in errors.EXIT_STATUS:
+        assert f"{code:2} {what}" in text
 
 
 @pytest.mark.parametrize("threshold", [0, 4, 100, -1])

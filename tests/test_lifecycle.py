@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import flip, pattern, pwrite
-from quorumblk import lifecycle, meta
+from quorumblk import errors, lifecycle, meta
 from quorumblk.core import Quorum
 
 SIZE = 64 << 20
@@ -210,9 +210,9 @@ def test_one_job_at_a_time(imgs):
     q, _ = start(imgs)
     life = lifecycle.Lifecycle(q)
     job = life.scrub(rate=16 << 20)            # about 4 s for 64 MiB
-    with pytest.raises(lifecycle.BusyError, match="a scrub runs"):
+    with pytest.raises(errors.JobRunningError, match="a scrub runs"):
         life.scrub()
-    with pytest.raises(lifecycle.BusyError):
+    with pytest.raises(errors.JobRunningError):
         life.remove_replica("2")
     assert wait(job)["state"] == "done"
     assert job.to_dict()["seconds"] >= 3.0     # the rate limit held
