@@ -23,6 +23,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.append(os.path.dirname(HERE))          # tests/, for torturelib
+from torturelib import dm  # noqa: E402
 SERVER = os.path.join(HERE, "qbserver.py")
 SCRATCH = os.environ.get("QB_DEVICE_SCRATCH", "/dev/shm/qb-device-tests")
 IN_SUITE = os.environ.get("QB_DEVICE_SUITE") == "1"
@@ -262,40 +264,17 @@ def images(scratch):
     return _images
 
 
-class DmReplica:
-    """A replica block device for fault injection: device-mapper over a loop
-    device over a sparse file in the test's scratch folder. Its table is
-    switched at will (linear, error, flakey, delay, bad blocks), and it can be
-    suspended with its I/O held, as a hung server holds it."""
+class DmReplica(dm.DmReplica):
+    """A replica block device for fault injection (tests/torturelib/dm.py
+    switches its tables: linear, error, flakey, bad ranges, suspended with
+    its I/O held as a hung server holds it): device-mapper over a loop
+    device over a sparse file in the test's scratch folder."""
 
     def __init__(self, scratch, name, size):
-        self.name = name
-        self.sectors = size // 512
-        self.file = make_sparse(os.path.join(scratch, f"{name}.img"), size)
-        self.loop = run(["losetup", "-f", "--show", self.file]).stdout.strip()
-        self.path = f"/dev/mapper/{name}"
+        file = make_sparse(os.path.join(scratch, f"{name}.img"), size)
+        loop = run(["losetup", "-f", "--show", file]).stdout.strip()
+        super().__init__(name, file, loop, size // 512)
         run(["dmsetup", "create", name, "--table", self.linear()])
-
-    def linear(self):
-        return f"0 {self.sectors} linear {self.loop} 0"
-
-    def swap(self, table):
-        """Load table (lines) and switch to it (in-flight I/O completes
-        first)."""
-        run(["dmsetup", "load", self.name], input=table + "\n")
-        run(["dmsetup", "suspend", self.name])
-        run(["dmsetup", "resume", self.name])
-
-    def heal(self):
-        self.swap(self.linear())
-
-    def error(self):
-        """Every I/O fails from now on."""
-        self.swap(f"0 {self.sectors} error")
-
-    def fail_writes(self):
-        """dm-flakey: up 0 s, then writes fail for an hour."""
-        self.swap(f"0 {self.sectors} flakey {self.loop} 0 0 3600 1 error_writes")
 
     def delay(self, ms):
         """dm-delay: every read and write held ms milliseconds."""
@@ -309,24 +288,16 @@ class DmReplica:
         lines, at = [], 0
         for b in sorted(blocks):
             if b * per > at:
-                lines.append(f"{at} {b * per - at} linear {self.loop} {at}")
+                lines.append(self.linear(at, b * per - at))
             lines.append(f"{b * per} {per} error")
             at = (b + 1) * per
         if at < self.sectors:
-            lines.append(f"{at} {self.sectors - at} linear {self.loop} {at}")
+            lines.append(self.linear(at))
         self.swap("\n".join(lines))
 
-    def suspend(self):
-        """Hold every I/O (issued or new) until resume(): a hung server."""
-        run(["dmsetup", "suspend", "--noflush", self.name])
-
     def resume(self):
+        """The end of suspend(): the held I/O goes on, into the same table."""
         run(["dmsetup", "resume", self.name])
-
-    def remove(self):
-        run(["dmsetup", "resume", self.name], check=False)
-        run(["dmsetup", "remove", "--retry", self.name], check=False)
-        run(["losetup", "-d", self.loop], check=False)
 
 
 _dm_names = itertools.count()
