@@ -135,3 +135,10 @@ def test_a_stop_during_the_resync_resyncs_again_at_the_next_add(crashed, rundir,
         stop(info)
     assert data(crashed[0]) == data(crashed[1]) == data(crashed[2])
     assert [dirty_bits(p) for p in crashed] == [0] * 3
+
+
+def test_the_help_says_the_resync_runs_after_live():
+    for cmd in ("add", "recover"):
+        p = qb(cmd, "--help")
+        assert p.returncode == 0 and "job show DEV" in p.stdout, p.stdout
+    assert "resync cannot be cancelled" in " ".join(qb("job", "--help").stdout.split())
