@@ -219,6 +219,7 @@ def test_io_issued_while_quiesced_waits_and_completes_after_recover(images, cli)
         os.unlink(src)
 
 
+@pytest.mark.timeout(900)      # every I/O of a replica takes 3 s: ~330 s under TCG
 def test_recover_is_live_before_its_resync_and_reads_are_right_meanwhile(
         dm_replica, scratch, cli):
     """kill -9 of the daemon while a writer rewrites 32 MiB (the same bytes
