@@ -640,10 +640,64 @@ int qb_quorum_clean(struct qb_quorum *q, uint32_t idle_ms)
 int qb_quorum_resynced(struct qb_quorum *q)
 {
 	if (q->bitmap) {
+		qb_quorum_region_synced(q, 0, q->size);
 		lock(q->bitmap);
 		q->bitmap->pinned = false;
 		unlock(q->bitmap);
 	}
+	return 0;
+}
+
+/* ---- the crash-dirty regions not resynced yet ---- */
+
+int qb_quorum_region_synced(struct qb_quorum *q, uint64_t offset,
+			    uint64_t length)
+{
+	uint64_t end = offset + length, first, last;
+
+	qb_err_clear();
+	if (!q->unsynced || !length)
+		return 0;
+	if (end >= q->size)
+		end = (uint64_t)q->unsynced_n << q->unsynced_shift;
+	first = (offset + (1ULL << q->unsynced_shift) - 1) >> q->unsynced_shift;
+	last = end >> q->unsynced_shift;	/* the first not covered */
+	for (uint64_t i = first; i < last && i < q->unsynced_n; i++)
+		if (__atomic_exchange_n(&q->unsynced[i], 0, __ATOMIC_ACQ_REL))
+			__atomic_fetch_sub(&q->unsynced_left, 1,
+					   __ATOMIC_ACQ_REL);
+	return 0;
+}
+
+uint64_t qb_unsynced_regions(struct qb_quorum *q, uint64_t off, uint64_t len)
+{
+	uint64_t first, last, mask = 0;
+
+	if (!__atomic_load_n(&q->unsynced_left, __ATOMIC_ACQUIRE) || !len)
+		return 0;
+	first = off >> q->unsynced_shift;
+	last = (off + len - 1) >> q->unsynced_shift;
+	for (uint64_t i = first; i <= last && i < q->unsynced_n &&
+	     i - first < 64; i++)
+		if (__atomic_load_n(&q->unsynced[i], __ATOMIC_ACQUIRE))
+			mask |= 1ULL << (i - first);
+	return mask;
+}
+
+static int unsynced_init(struct qb_quorum *q, const struct qb_bitmap *b)
+{
+	uint32_t left = 0;
+
+	q->unsynced = calloc(b->nregions, 1);
+	if (!q->unsynced)
+		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
+	q->unsynced_shift = b->shift;
+	q->unsynced_n = b->nregions;
+	for (uint32_t i = 0; i < b->nregions; i++) {
+		q->unsynced[i] = b->durable[i];
+		left += b->durable[i];
+	}
+	__atomic_store_n(&q->unsynced_left, left, __ATOMIC_RELEASE);
 	return 0;
 }
 
@@ -720,6 +774,7 @@ int qb_bitmap_create(struct qb_quorum *q, const struct qb_meta *meta,
 	const struct qb_meta *m0 = &meta[0];
 	struct qb_bitmap *b = calloc(1, sizeof(*b));
 	uint64_t bytes = qb_meta_bitmap_bytes(m0->nregions);
+	int ret;
 
 	if (!b)
 		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
@@ -758,6 +813,9 @@ int qb_bitmap_create(struct qb_quorum *q, const struct qb_meta *meta,
 		b->durable[i] = image_bit(b->image, i);
 		b->pinned |= b->durable[i];
 	}
+	ret = unsynced_init(q, b);
+	if (ret)
+		return ret;
 	return writer_start(q);
 }
 
@@ -795,4 +853,7 @@ void qb_bitmap_free(struct qb_quorum *q)
 	free(b->snap);
 	free(b);
 	q->bitmap = NULL;
+	__atomic_store_n(&q->unsynced_left, 0, __ATOMIC_RELEASE);
+	free(q->unsynced);
+	q->unsynced = NULL;
 }

@@ -565,9 +565,14 @@ static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 
 	s->nblocks = qb_blocks_of(q, s->off, s->len);
 	qb_hold_snapshot(q, qb_first_block(q, s->off), s->nblocks, s->snap);
-	if (q->opt.read_policy == QB_READ_THRESHOLD)
+	/* a region not resynced since a crash: every voter is read, whatever
+	 * the policy, for the answer the resync will give (taken now: a
+	 * region the resync finishes meanwhile still votes that way) */
+	s->crash = __atomic_load_n(&q->unsynced_left, __ATOMIC_ACQUIRE) ?
+		   qb_unsynced_regions(q, s->off, s->len) : 0;
+	if (!s->crash && q->opt.read_policy == QB_READ_THRESHOLD)
 		mask = pick(live, n, c->rr++ % n, q->opt.threshold);
-	else if (q->opt.read_policy == QB_READ_FIFO)
+	else if (!s->crash && q->opt.read_policy == QB_READ_FIFO)
 		mask = pick(live, n, 0, 1);
 	qb_read_from(c, s, mask, PH_READ);
 }
@@ -754,13 +759,16 @@ uint32_t qb_vote_blocks(struct qb_ctx *c, struct qb_slot *s, uint32_t mask,
 	uint32_t nq = 0, n = qb_replicas(q);
 
 	for (uint32_t i = 0; i < s->nblocks; i++) {
-		uint32_t rel, len;
+		uint32_t rel, len, t = thr;
 
 		qb_block_span(c, s, i, &rel, &len);
+		if (s->crash && (s->crash >> (((s->off + rel) >> q->unsynced_shift) -
+					      (s->off >> q->unsynced_shift)) & 1))
+			t = 1;		/* the crash rule: plurality */
 		for (uint32_t r = 0; r < n; r++)
 			bufs[r] = (mask & (1u << r)) ?
 				  (char *)s->buf[r] + rel : NULL;
-		if (qb_vote(bufs, n, len, thr, q->opt.hash, &s->win[i]) < 0) {
+		if (qb_vote(bufs, n, len, t, q->opt.hash, &s->win[i]) < 0) {
 			s->win[i] |= WIN_NO_QUORUM;
 			nq++;
 		}
@@ -860,7 +868,10 @@ static void losers(struct qb_ctx *c, struct qb_slot *s)
 				qb_report(c, s, QB_EV_BAD_BLOCK, (int)r, from, i);
 				QB_ADD(c->link.rep[r].bad_blocks, i - from);
 				QB_ADD(c->link.dev.bad_blocks, i - from);
-				if (q->opt.repair && hold_run(c, s, from, i))
+				/* the crash rule repairs even with repair
+				 * off: the resync would write them anyway */
+				if ((q->opt.repair || s->crash) &&
+				    hold_run(c, s, from, i))
 					qb_add_run(c, s, r, from, i);
 			}
 		}
@@ -920,6 +931,10 @@ static void read_done(struct qb_ctx *c, struct qb_slot *s)
 	struct qb_quorum *q = c->q;
 	uint32_t more = qb_in_service(q) & ~s->tried, n = qb_replicas(q);
 
+	if (s->crash) {		/* every voter was read: no shortcut */
+		vote_and_finish(c, s);
+		return;
+	}
 	switch (q->opt.read_policy) {
 	case QB_READ_FIFO:
 		if (s->ok) {
@@ -1018,6 +1033,7 @@ void qb_launch(struct qb_ctx *c, struct qb_slot *s, uint32_t op,
 	s->src = src;
 	s->retries = 0;
 	s->out = NULL;
+	s->crash = 0;
 	c->inflight++;
 	start_request(c, s);
 }

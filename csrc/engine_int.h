@@ -81,6 +81,9 @@ struct qb_slot {
 	void *src;		/* a write's data */
 	int result;
 	void *out;		/* a read's voted data */
+	uint64_t crash;		/* a read: its regions (bit k: the k-th from
+				 * off's) voted by the crash rule, see
+				 * qb_quorum_region_synced; 0: none */
 	uint64_t ticket;	/* PH_MARK, PH_STATES: the round awaited */
 
 	uint32_t pending;	/* I/Os out in this phase, plus a guard */

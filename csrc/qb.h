@@ -97,6 +97,12 @@ struct qb_quorum {
 	uint32_t writable;		/* in service or resyncing, atomic */
 	uint32_t files_gen;		/* bumped when a replica's fd changes */
 	struct qb_bitmap *bitmap;	/* NULL: no metadata */
+	/* Crash-dirty regions (the bitmap's bits at open) not resynced yet:
+	 * a read there reads every voter and votes by the crash rule.
+	 * unsynced_left is the hot path's one test (0: none, the norm). */
+	uint32_t unsynced_left;		/* atomic */
+	uint32_t unsynced_shift, unsynced_n;
+	uint8_t *unsynced;		/* a byte per region, atomic */
 
 	uint64_t *gens;			/* QB_GEN_BUCKETS bucket words */
 	void *zeros;			/* max_io zero bytes, for write-zeroes */
@@ -173,6 +179,9 @@ void qb_bitmap_end(struct qb_quorum *q, uint64_t off, uint64_t len);
  * the change unrecorded, so it waits. */
 uint64_t qb_bitmap_done(const struct qb_quorum *q);
 uint64_t qb_bitmap_states_round(const struct qb_quorum *q);
+/* The regions of [off, off + len) that were crash-dirty and not resynced
+ * when called: bit k for the k-th region from off's (0: none, the norm). */
+uint64_t qb_unsynced_regions(struct qb_quorum *q, uint64_t off, uint64_t len);
 /* Wait for round (from a thread that is not the writer). */
 void qb_bitmap_wait(struct qb_quorum *q, uint64_t round);
 void qb_bitmap_free(struct qb_quorum *q);

@@ -214,6 +214,15 @@ int qb_quorum_after_fork(struct qb_quorum *q);
 /* The dirty regions the quorum was opened with are resynced: from now on
  * qb_quorum_clean may clear them. */
 int qb_quorum_resynced(struct qb_quorum *q);
+/* The resync of [offset, offset + length) by the crash rule is done: the
+ * regions it covers whole (a region that ends past the device counts as
+ * whole when the range reaches the end) read by the normal vote again.
+ * Until then a read that touches a region dirty at open reads every
+ * replica in service, votes its blocks there by plurality (ties: the
+ * earliest replica), as the resync will, and repairs the losing copies
+ * before it completes. */
+int qb_quorum_region_synced(struct qb_quorum *q, uint64_t offset,
+			    uint64_t length);
 /* Copy the bitmap as it is on stable storage; returns its byte count. */
 int64_t qb_quorum_bitmap(struct qb_quorum *q, uint8_t *out, uint64_t len);
 /* A replica's current header, as last written. */

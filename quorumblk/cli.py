@@ -115,7 +115,9 @@ def build_parser():
 
     a = sub.add_parser("add", help="create a device over replica images",
                        description="Create /dev/ublkbN over the replicas and serve it "
-                       "from a daemon; prints the device's path once it is LIVE.")
+                       "from a daemon; prints the device's path once it is LIVE. A "
+                       "resync (after an unclean stop, of a stale replica) runs "
+                       "after that, as a job (`quorumblk job show DEV`).")
     a.add_argument("--threshold", "-t", type=int, required=True, metavar="K",
                    help="replicas that must agree on a block (1..N)")
     a.add_argument("replicas", nargs="+", metavar="REPLICA",
@@ -218,12 +220,14 @@ def build_parser():
     rm.set_defaults(func=cmd_remove_replica)
 
     jb = sub.add_parser("job", help="show or cancel the job running on a device",
-                        description="The job (scrub, readd, replace, add-replica) "
+                        description="The job (the resync after add or recover, "
+                        "scrub, readd, replace, add-replica) "
                         "that runs on DEV: `show` prints it, `cancel` stops it at "
                         "its next step and waits until it has stopped. A cancelled "
                         "readd leaves its replica out of service (readd it again "
                         "later); a cancelled add-replica or replace removes the new "
-                        "replica from the set (the old one stays).")
+                        "replica from the set (the old one stays). The resync "
+                        "cannot be cancelled (exit 11).")
     jsub = jb.add_subparsers(dest="job_command", metavar="ACTION")
     jsub.required = True
     for name, func, text in (("show", cmd_job_show, "print the job"),
@@ -237,9 +241,9 @@ def build_parser():
         "recover", help="serve a device again after its daemon died",
         description="Serve DEV again after its daemon died (kill -9, a crash): the "
         "kernel keeps the device quiesced, and I/O issued meanwhile waits. The "
-        "replicas, threshold and options come from /run/quorumblk/N.json; regions "
-        "with writes in flight at the crash are resynced by vote first. Prints the "
-        "device's path once it is LIVE again. Refused (exit 13) when the daemon "
+        "replicas, threshold and options come from /run/quorumblk/N.json. Prints the "
+        "device's path once it is LIVE again; regions with writes in flight at the "
+        "crash are then resynced by vote, as a job (`quorumblk job show DEV`). Refused (exit 13) when the daemon "
         "still runs or the kernel does not hold the device quiesced.")
     _dev_arg(rc)
     rc.add_argument("--foreground", "-f", action="store_true",

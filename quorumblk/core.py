@@ -399,7 +399,16 @@ class Quorum:
 
     @_guarded
     def resynced(self):
+        """The dirty regions the set was opened with are resynced: the bitmap
+        may clean them, and reads there take the normal vote."""
         lib.qb_quorum_resynced(self._q)
+
+    @_guarded
+    def region_synced(self, offset, length):
+        """The crash-rule resync of [offset, offset + length) is done: the
+        regions it covers whole take the normal vote again (until then a
+        read there reads every replica in service and votes by plurality)."""
+        raise_for(lib.qb_quorum_region_synced(self._q, offset, length), lib, ffi)
 
     @_guarded
     def bitmap(self):

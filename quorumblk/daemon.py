@@ -80,18 +80,29 @@ def open_set(replicas, threshold, engine, plan):
         return Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine)
 
 
-def prepare(q, plan, progress=None):
-    """Make the set current before it serves: record the assembly in every
-    replica's header, attach the metadata to the engine, resync what the
-    bitmap says may differ. Returns the resync report."""
+def prepare(q, plan):
+    """Record the assembly in every replica's header and attach the metadata
+    to the engine. Returns the resync (a meta.Resync): what the bitmap says
+    may differ is resynced by a job once the device is LIVE (_start); the
+    engine reads those regions by the crash rule meanwhile."""
     meta.commit(q.paths, plan)
     q.set_meta(plan.metas, plan.bitmap)
-    return meta.resync(q, plan, progress)
+    rs = meta.Resync(q, plan)
+    if not rs.needed:
+        rs.run()
+    return rs
 
 
-def describe_resync(r):
+def describe_resync(r, dev=None):
     why = {"unclean-stop": "after an unclean stop",
            "stale-replica": "to bring " + ", ".join(r["stale"] or ["?"]) + " up to date"}
+    if not r["done"]:
+        total = r.get("total_bytes", r["bytes"])
+        return (f"a resync of {total} bytes ({r['regions']} regions, "
+                f"{100.0 * total / max(r['size'], 1):.2f}% of {r['size']}) "
+                f"{why.get(r['reason'], '')} runs while the device serves "
+                f"({r['bytes']} bytes done); follow it with `quorumblk job show "
+                f"{'DEV' if dev is None or dev < 0 else dev}`")
     text = (f"resynced {r['bytes']} bytes ({r['regions']} regions, "
             f"{100.0 * r['bytes'] / max(r['size'], 1):.2f}% of {r['size']}) "
             f"{why.get(r['reason'], '')}")
@@ -149,7 +160,7 @@ class Daemon:
         self.events_file = None
         self.events_failing = False     # the events file could not be written
         self.started = time.time()
-        self.resync = None          # what prepare() did before the start
+        self.resync = None          # the resync's report (its job updates it)
         self.recovered = False      # serves a device whose daemon died
         self.last_clean = 0.0
         self.life = lifecycle.Lifecycle(q, self.replicas_changed)
@@ -476,7 +487,7 @@ def _start(q, idents, engine, devopts, report=None, recover=False):
             "starting the ublk device"
         raise StartError(f"{what} failed: {e}")
     d = Daemon(q, dev, idents, engine, devopts)
-    d.resync = report
+    d.resync = report.report if report else None
     d.recovered = recover
     try:
         d.publish()
@@ -486,6 +497,8 @@ def _start(q, idents, engine, devopts, report=None, recover=False):
         finally:
             runtime.remove_files(dev.id)
         raise
+    if report and not report.report["done"]:
+        d.life.resync(report)       # LIVE first: the resync is a job
     return d
 
 
@@ -530,12 +543,15 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
         idents = check_add(replicas, devopts.get("dev_id"))
         q = open_set(replicas, threshold, engine, plan)
         report = prepare(q, plan)
-        if warn and report["reason"] != "none":
-            warn(describe_resync(report))
         if foreground:
+            if warn and report.needed:
+                warn(describe_resync(report.report, devopts.get("dev_id")))
             return _run_foreground(q, idents, engine, devopts, lock, report,
                                    ready=ready)
-        return _detach(q, idents, engine, devopts, lock, report)
+        info = _detach(q, idents, engine, devopts, lock, report)
+        if warn and report.needed:
+            warn(describe_resync(report.report, info["id"]))
+        return info
     finally:
         lock.release()
         if q is not None and not q.closed and not foreground:
@@ -932,9 +948,9 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
     """Serve again device dev whose daemon died (the kernel holds it
     quiesced; I/O issued meanwhile waits). The replicas, threshold and
     options come from its state file (threshold and engine override them);
-    the replicas are opened as add opens them (metadata, then a resync by
-    vote of every region the write-intent bitmap says may differ) before the
-    device serves again. Then, as add: serve here (foreground: returns the
+    the replicas are opened as add opens them (metadata; every region the
+    write-intent bitmap says may differ is resynced by vote in a job once
+    the device serves again). Then, as add: serve here (foreground: returns the
     daemon's exit status) or detach a daemon (returns {"id", "path", "pid"}
     once the device is LIVE). lock: the add lock when the caller holds it."""
     runtime.require_root("quorumblk recover")
@@ -967,8 +983,8 @@ def recover(dev, *, foreground=False, warn=None, threshold=None, engine=None,
             raise errors.UblkMissingError(f"ublk cannot be used: {reason}")
         q = open_set(paths, threshold, engine, plan)
         report = prepare(q, plan)
-        if warn and report["reason"] != "none":
-            warn(describe_resync(report))
+        if warn and report.needed:
+            warn(describe_resync(report.report, dev_id))
         if foreground:
             return _run_foreground(q, idents, engine, devopts, lock, report,
                                    recover=True, ready=ready)

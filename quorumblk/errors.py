@@ -133,6 +133,10 @@ class JobRunningError(CommandError):
     exit_code = 11
 
 
+class NotCancellableError(JobRunningError):
+    """the job cannot be cancelled."""
+
+
 class NoQuorumFoundError(CommandError):
     """the scrub found blocks without quorum."""
     exit_code = 12

@@ -22,6 +22,13 @@ error at once.
   scrub DEV               every block is read from every in-service replica
                           and voted; losing copies are rewritten (or, with
                           repair off, only counted).
+  (resync)                what `add` or `recover` found to resync (regions
+                          dirty after an unclean stop, stale replicas) runs
+                          as a job once the device is LIVE (meta.Resync). It
+                          cannot be cancelled: until it ends, reads of its
+                          regions read every replica (the crash rule) and
+                          the bitmap keeps its bits; a stop resyncs again at
+                          the next add.
 """
 import errno
 import os
@@ -29,7 +36,8 @@ import threading
 import time
 
 from . import errors, meta, runtime
-from .errors import CommandError, JobRunningError, QuorumError, RefusedError
+from .errors import (CommandError, JobRunningError, NotCancellableError, QuorumError,
+                     RefusedError)
 OWED_WAIT_S = 2.0               # readd waits this long for I/O still owed
 ANSWER_S = 2.0                  # and this long for the replica's header
 
@@ -110,6 +118,7 @@ class Job:
         self.result = None
         self.started = time.time()
         self.ended = None
+        self.cancellable = True
         self._t0 = time.monotonic()
         self._cancel = threading.Event()
 
@@ -136,6 +145,7 @@ class Job:
                 "bytes_per_s": int(self.done / secs), "rate_limit": self.rate,
                 "started": self.started, "ended": self.ended,
                 "seconds": round(secs, 3), "error": self.error,
+                "cancellable": self.cancellable,
                 "error_type": self.error_type, "result": self.result}
 
 
@@ -240,6 +250,12 @@ class Lifecycle:
             if job is None or job.state != "running":
                 raise NoJobError("no job runs on this device" + (
                     f" (the last, {job.what}, is {job.state})" if job else ""))
+            if not job.cancellable:
+                raise NotCancellableError(
+                    f"the {job.what} cannot be cancelled ({job.to_dict()['percent']}% "
+                    "done): until it ends, reads of its regions read every replica "
+                    "and the write-intent bitmap keeps them, so that stopping the "
+                    "device and adding it again starts the resync over; it ends by itself")
             job.cancel()
             return job
 
@@ -262,6 +278,16 @@ class Lifecycle:
                     "unrecoverable": res["unrecoverable"],
                     "repair": repair}
         return self._run(job, work)
+
+    def resync(self, rs):
+        """Run the resync that add or recover found (a meta.Resync) as a job,
+        while the device serves. Not cancellable (see the module's text)."""
+        r = rs.report
+        why = {"unclean-stop": "after an unclean stop",
+               "stale-replica": "of " + ", ".join(r["stale"])}
+        job = Job("resync", rs.total, f"resync {why.get(r['reason'], '')}".strip())
+        job.cancellable = False
+        return self._run(job, lambda: rs.run(job.progress))
 
     def _fill(self, job, r, ranges, blind):
         """Sync ranges onto the resyncing replica r, then put it in service."""

@@ -18,11 +18,16 @@ where writes may be in flight, or that a member out of service missed.
   - some have, some have not: refused; a new replica joins a live device.
   - a replica that was removed from the set (its own header or the current
     ones say so) is refused: it missed every write since.
-Then every dirty region is resynced by vote before the device starts: after
-an unclean stop, the regions with writes in flight; for a stale replica,
-also everything written while it was out (bits are never cleared while a
-member is out of service). A replica that joined empty (replace,
-add-replica) and had not finished its resync gets the whole device.
+Then every dirty region is resynced by vote, as a job of the daemon once
+the device is LIVE (Resync): after an unclean stop, the regions with
+writes in flight; for a stale replica, also everything written while it
+was out (bits are never cleared while a member is out of service). A
+replica that joined empty (replace, add-replica) and had not finished its
+resync gets the whole device. Until a dirty region is resynced, a read
+there reads every replica in service and votes by the crash rule (below),
+as the resync will, repairing the losing copies first (the engine:
+qb_quorum_region_synced); the bitmap keeps every bit until the end, so a
+crash meanwhile resyncs again at the next add.
 
 In the dirty regions, the vote of a resync takes the largest class even
 below the threshold (ties: the earliest replica given): a region is dirty
@@ -361,16 +366,20 @@ def _add_counts(total, res):
 
 def sync_ranges(q, ranges, targets=(), progress=None, **kw):
     """q.sync over [(offset, length)] in SYNC_STEP pieces, the counts
-    added up. progress(bytes done) is called after each piece."""
+    added up. progress(bytes done) is called after each piece. With
+    plurality (the crash rule) the engine is told of every region done, so
+    that reads there take the normal vote again."""
     total = {"bytes": 0, "blocks": 0, "differing": 0, "unrecoverable": 0,
              "written": 0, "bad": [0] * len(q.paths)}
-    for off, length in ranges:
-        end = min(off + length, q.size)
+    for start, length in ranges:
+        off, end = start, min(start + length, q.size)
         while off < end:
             n = min(SYNC_STEP, end - off)
             _add_counts(total, q.sync(off, n, targets=targets, **kw))
             total["bytes"] += n
             off += n
+            if kw.get("plurality"):
+                q.region_synced(start, off - start)
             if progress:
                 progress(total["bytes"])
     return total
@@ -388,48 +397,81 @@ def _gaps(ranges, size):
     return out
 
 
-def resync(q, plan, progress=None):
-    """Resync before the device serves, by vote: the dirty regions after an
-    unclean stop, and what stale replicas missed (they get the result). The
-    crash rule (plurality, see the module's text) holds only in the regions
-    the bitmap holds dirty: a replica that joined empty and never finished
-    gets the rest of the device too, by the normal vote, where a block
-    without quorum stays as it is and is counted. Returns the report that
-    `status` shows as "resync"."""
-    stale = plan.stale
-    whole = bool(plan.full_sync())
-    regions = [(0, q.size)] if whole else plan.dirty_regions()
-    reason = ("stale-replica" if stale else
-              "unclean-stop" if regions else "none")
-    dirty = dirty_ranges(plan.bitmap, plan.metas[0].region_shift,
-                         plan.metas[0].nregions)
-    passes = [(dirty, True)]
-    if whole:
-        passes.append((_gaps(dirty, q.size), False))
-    res = {"bytes": 0, "blocks": 0, "differing": 0, "unrecoverable": 0,
-           "written": 0, "bad": [0] * len(q.paths)}
-    for ranges, plurality in passes:
-        done = res["bytes"]
-        step = (lambda n, done=done: progress(done + n)) if progress else None
-        part = sync_ranges(q, ranges, targets=stale, progress=step,
-                           plurality=plurality)
-        _add_counts(res, part)
-        res["bytes"] += part["bytes"]
-    q.resynced()
-    # a stale replica cannot get a block without quorum: it stays out rather
-    # than vote with its own copy there (only the whole-device pass can
-    # leave such blocks: plurality always has a winner)
-    kept_out = stale if res["unrecoverable"] else []
-    for i in stale:
-        q.set_state(i, "failed" if i in kept_out else "in-service")
-    return {"reason": reason, "regions": len(regions), "bytes": res["bytes"],
-            "size": q.size, "done": True, "whole": whole,
-            "stale": [q.paths[i] for i in stale],
-            "kept_out": [q.paths[i] for i in kept_out],
+class Resync:
+    """The resync of an assembled set, run once it is attached (q.set_meta)
+    and, in the daemon, while the device serves: by vote, the dirty regions
+    after an unclean stop, and what stale replicas missed (they get the
+    result). The crash rule (plurality, see the module's text) holds only in
+    the regions the bitmap holds dirty: a replica that joined empty and
+    never finished gets the rest of the device too, by the normal vote,
+    where a block without quorum stays as it is and is counted.
+
+    report is what `status` shows as "resync": "done" false and "bytes" so
+    far while it runs, the counts once done (updated in place)."""
+
+    def __init__(self, q, plan):
+        self.q, self.plan = q, plan
+        self.whole = bool(plan.full_sync())
+        regions = [(0, q.size)] if self.whole else plan.dirty_regions()
+        dirty = dirty_ranges(plan.bitmap, plan.metas[0].region_shift,
+                             plan.metas[0].nregions)
+        self.passes = [(dirty, True)]
+        if self.whole:
+            self.passes.append((_gaps(dirty, q.size), False))
+        self.total = sum(min(o + n, q.size) - o
+                         for ranges, _ in self.passes for o, n in ranges)
+        self.report = {
+            "reason": ("stale-replica" if plan.stale else
+                       "unclean-stop" if regions else "none"),
+            "regions": len(regions), "bytes": 0, "total_bytes": self.total,
+            "size": q.size, "done": False, "whole": self.whole,
+            "stale": [q.paths[i] for i in plan.stale], "kept_out": [],
             "missing": [str(uuid.UUID(bytes=u)) for u in plan.missing],
-            "differing_blocks": res["bad"],
-            "copied_blocks": res["written"],
-            "unrecoverable_blocks": res["unrecoverable"]}
+            "differing_blocks": [0] * len(q.paths), "copied_blocks": 0,
+            "unrecoverable_blocks": 0}
+
+    @property
+    def needed(self):
+        return self.report["reason"] != "none"
+
+    def run(self, progress=None):
+        """Resync, then let the bitmap clean and the stale replicas vote.
+        progress(bytes done) after every step (it may raise to stop: the
+        bitmap then keeps every bit, and reads keep the crash rule)."""
+        q, stale = self.q, self.plan.stale
+        res = {"bytes": 0, "blocks": 0, "differing": 0, "unrecoverable": 0,
+               "written": 0, "bad": [0] * len(q.paths)}
+
+        def step(n, done):
+            self.report["bytes"] = done + n
+            if progress:
+                progress(done + n)
+        for ranges, plurality in self.passes:
+            done = res["bytes"]
+            part = sync_ranges(q, ranges, targets=stale, plurality=plurality,
+                               progress=lambda n, done=done: step(n, done))
+            _add_counts(res, part)
+            res["bytes"] += part["bytes"]
+        q.resynced()
+        # a stale replica cannot get a block without quorum: it stays out
+        # rather than vote with its own copy there (only the whole-device
+        # pass can leave such blocks: plurality always has a winner); one
+        # that failed meanwhile stays failed
+        kept_out = stale if res["unrecoverable"] else []
+        for i in stale:
+            if q.replica_states()[i] == "resyncing":
+                q.set_state(i, "failed" if i in kept_out else "in-service")
+        self.report.update({
+            "bytes": res["bytes"], "done": True,
+            "kept_out": [q.paths[i] for i in kept_out],
+            "differing_blocks": res["bad"], "copied_blocks": res["written"],
+            "unrecoverable_blocks": res["unrecoverable"]})
+        return self.report
+
+
+def resync(q, plan, progress=None):
+    """The whole resync at once (see Resync); returns its report."""
+    return Resync(q, plan).run(progress)
 
 
 # -- a replica that joins a running set --

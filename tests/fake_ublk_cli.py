@@ -17,6 +17,9 @@ Environment:
   FAKE_UBLK_STOP_SLEEP seconds the device's stop takes
   FAKE_UBLK_START_SLEEP seconds the device's start takes
   FAKE_UBLK_START_TIMEOUT how long add waits for the daemon (seconds)
+  FAKE_UBLK_DELAY      R:SECONDS: every read of replica R starts that late
+                       (the engine's fault hook), from the device's start:
+                       slows a resync down
 """
 import errno
 import os
@@ -69,6 +72,9 @@ class FakeDevice:
 
     def _read_all(self):
         q = self.quorum
+        if os.environ.get("FAKE_UBLK_DELAY"):
+            r, secs = os.environ["FAKE_UBLK_DELAY"].split(":")
+            q.inject(int(r), "delay", ops=("read",), delay=float(secs))
         if os.environ.get("FAKE_UBLK_READ_ALL") == "1":
             step = 64 << 10
             for off in range(0, q.size, step):

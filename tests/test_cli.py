@@ -37,7 +37,8 @@ def nodes(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("FAKE_UBLK_DIR", str(d))
     for k in ("FAKE_UBLK_READ_ALL", "FAKE_UBLK_FAIL", "FAKE_UBLK_STOP_SLEEP",
-              "FAKE_UBLK_START_SLEEP", "FAKE_UBLK_START_TIMEOUT"):
+              "FAKE_UBLK_START_SLEEP", "FAKE_UBLK_START_TIMEOUT",
+              "FAKE_UBLK_DELAY"):
         monkeypatch.delenv(k, raising=False)
     return d
 

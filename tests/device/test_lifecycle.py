@@ -217,8 +217,14 @@ def test_a_stale_replica_is_resynced_before_it_votes(images, cli):
     p = qb("add", "-t", "2", paths[0], paths[2])
     assert p.returncode == 10 and "only 1 of the replicas are current" in p.stderr
     info = cli("-t", "2", *paths)
+    end = time.monotonic() + 240            # the resync is a job after LIVE
+    while status(info["id"])["job"]["state"] == "running":
+        assert time.monotonic() < end, "the resync did not end"
+        time.sleep(0.5)
+    assert status(info["id"])["job"]["kind"] == "resync"
     r = status(info["id"])["resync"]
     assert r["reason"] == "stale-replica" and r["stale"] == [paths[2]], r
+    assert r["done"], r
     assert r["copied_blocks"] == 4 * MIB // BS
     data_identical(paths, size)
 

@@ -219,6 +219,92 @@ def test_io_issued_while_quiesced_waits_and_completes_after_recover(images, cli)
         os.unlink(src)
 
 
+@pytest.mark.timeout(900)      # every I/O of a replica takes 3 s: ~330 s under TCG
+def test_recover_is_live_before_its_resync_and_reads_are_right_meanwhile(
+        dm_replica, scratch, cli):
+    """kill -9 of the daemon while a writer rewrites 32 MiB (the same bytes
+    each pass: whatever the crash left, the data is known), then one replica
+    is slowed (dm-delay, 3 s an I/O) so that the resync, 2 such rounds a
+    region at least, outlasts a read (one round). Reads issued while the
+    device is quiesced, one in each dirty region, come back right before the
+    resync job ends; recover returns before it ends too; at the end the
+    replicas are identical and the device holds the data."""
+    from quorumblk import meta
+
+    mib = 1 << 20
+    devs = [dm_replica(64 * mib) for _ in range(3)]
+    paths = [d.path for d in devs]
+    info = cli("-t", "2", "--timeout", "60", *paths)
+    known = os.urandom(32 * mib)
+    src = os.path.join(scratch, "known")
+    with open(src, "wb") as f:
+        f.write(known)
+    run(["dd", f"if={src}", f"of={info['path']}", "bs=1M", "oflag=direct",
+         "status=none"])
+    writer = subprocess.Popen(
+        ["bash", "-c", f"while dd if={src} of={info['path']} bs=1M oflag=direct "
+         "status=none; do :; done"], stderr=subprocess.DEVNULL, start_new_session=True)
+    readers = []
+    try:
+        def writes():
+            return runtime.request(info["id"], "status")["status"]["counters"]["writes"]
+        wait_writes(writer, writes, minimum=writes() + 32)
+        crash(info)
+        os.killpg(writer.pid, signal.SIGKILL)   # its dd ends once the device is back
+        m, bitmap = meta.read(paths[0])
+        dirty = [off for off, _ in meta.dirty_ranges(bitmap, m.region_shift,
+                                                     m.nregions, merge=False)
+                 if off + mib + 65536 <= len(known)]
+        assert dirty, "no region of the data is dirty after the crash"
+        devs[2].delay(3000)
+        for off in dirty:
+            readers.append((off + mib, subprocess.Popen(
+                ["dd", f"if={info['path']}", "bs=64k", "count=1",
+                 "iflag=direct,skip_bytes", f"skip={off + mib}", "status=none"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        assert still_waiting([p for _, p in readers])
+        recover(info["id"])
+        recovered = time.time()
+        read_at = {}
+        end = time.monotonic() + 300
+        while len(read_at) < len(readers):
+            for off, p in readers:
+                if off not in read_at and p.poll() is not None:
+                    read_at[off] = time.time()
+            assert time.monotonic() < end, "the reads did not come back"
+            time.sleep(0.05)
+        for off, p in readers:
+            out, err = p.communicate()
+            assert p.returncode == 0, err
+            assert out == known[off:off + 65536], f"wrong data at {off}"
+        end = time.monotonic() + 300
+        while (job := runtime.request(info["id"], "job")["job"])["state"] == "running":
+            assert time.monotonic() < end, f"the resync did not end: {job}"
+            time.sleep(0.5)
+        assert job["kind"] == "resync" and job["state"] == "done", job
+        assert recovered < job["ended"], "recover returned after the resync ended"
+        assert max(read_at.values()) < job["ended"], (
+            f"the reads came back after the resync ({read_at}, {job})")
+        devs[2].heal()
+        back = run(f"dd if={info['path']} bs=1M count=32 iflag=direct status=none "
+                   "| sha256sum").stdout.split()[0]
+        assert back == run(f"sha256sum {src}").stdout.split()[0]
+        s = json.loads(qb("status", "--json", info["id"]).stdout)
+        assert s["resync"]["done"] and s["counters"]["quorum_failures"] == 0
+        assert all(r["state"] == "in-service" for r in s["replicas"])
+        size = s["size"]
+        assert qb("del", info["id"]).returncode == 0
+    finally:
+        if writer.poll() is None:
+            os.killpg(writer.pid, signal.SIGKILL)
+            writer.wait()
+        for _, p in readers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    data_identical(paths, size)
+
+
 def test_recover_refuses_while_the_daemon_lives(images, cli):
     info = cli("-t", "2", *images(3, 16 << 20))
     p = qb("recover", info["id"])

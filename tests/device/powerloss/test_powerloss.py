@@ -29,8 +29,9 @@ pytestmark = [
 ]
 
 MNT = "/tmp/qb-powerloss"
-WARNING = re.compile(r"quorumblk: warning: resynced (\d+) bytes \((\d+) regions, "
-                     r"([\d.]+)% of (\d+)\) after an unclean stop")
+WARNING = re.compile(r"quorumblk: warning: a resync of (\d+) bytes \((\d+) regions, "
+                     r"([\d.]+)% of (\d+)\) after an unclean stop runs while the "
+                     r"device serves")
 
 
 def run(cmd, timeout=300):
@@ -97,7 +98,15 @@ def test_add_resyncs_only_the_dirty_regions(record_testsuite_property):
     info = json.loads(p.stdout)
     dev = info["path"]
     try:
-        st = json.loads(qb("status", "--json", info["id"]).stdout)
+        # the device is LIVE before its resync ends: it runs as a job
+        end = time.monotonic() + 240
+        while True:
+            st = json.loads(qb("status", "--json", info["id"]).stdout)
+            if st["job"]["state"] != "running":
+                break
+            assert time.monotonic() < end, f"the resync did not end: {st['job']}"
+            time.sleep(0.5)
+        assert st["job"]["kind"] == "resync" and st["job"]["state"] == "done", st["job"]
         rs = st["resync"]
         size = st["size"]
         print(f"\nadd: {p.stderr.strip()}\nresync: {json.dumps(rs)}")
