@@ -161,9 +161,6 @@ class Daemon:
         """Write the runtime files: events log, socket, then the state."""
         dev_id = self.dev.id
         self.sink.open()
-        self.sink.emit([events.lifecycle_event(
-            "device-recovered" if self.recovered else "device-started",
-            path=self.dev.path)])
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
 
@@ -229,6 +226,8 @@ class Daemon:
     def run(self):
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old = signal.set_wakeup_fd(wake_w)
+        self.sink.emit([events.lifecycle_event(
+            "device-recovered" if self.recovered else "device-started", path=self.dev.path)])
         try:
             while not self.stopping:
                 try:

@@ -106,7 +106,7 @@ class SystemLog:
         fields = {"QUORUMBLK_DEVICE": dev_id}
         for k, v in sorted(e.items()):
             if v is not None and k != "time":
-                fields["QUORUMBLK_" + k.upper()] = v
+                fields["QUORUMBLK_" + ("event" if k == "type" else k).upper()] = v
         priority = PRIORITY.get(e["type"], INFO)
         text = message(dev_id, e)
         if os.path.exists(JOURNAL_SOCKET):

@@ -131,23 +131,41 @@ class Follower:
         return out
 
 
+def device_path(dev_id):
+    """/dev/ublkbN, or the path its state file names."""
+    try:
+        st = runtime.read_state(dev_id)
+    except CommandError:
+        st = None
+    return (st or {}).get("path") or f"/dev/ublkb{dev_id}"
+
+
 def _run_program(prog, dev_id, e, timeout):
-    dev = f"/dev/ublkb{dev_id}"
+    dev = device_path(dev_id)
     argv = [prog, e["type"], dev] + ([e["path"]] if e.get("path") and
                                      e.get("replica") is not None else [])
     env = dict(os.environ, QUORUMBLK_EVENT_JSON=json.dumps(e, sort_keys=True),
                QUORUMBLK_EVENT=e["type"], QUORUMBLK_DEVICE=dev,
                QUORUMBLK_DEVICE_ID=str(dev_id))
     try:
-        p = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _warn(f"{prog} ran longer than {timeout:.0f} s for {e['type']} on {dev}: killed")
-        return
+        # its own process group: on a time out (or SIGTERM to the monitor)
+        # whatever it started goes with it
+        p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
     except OSError as err:
         _warn(f"{prog}: {err.strerror or err}")
         return
-    if p.returncode != 0:
-        _warn(f"{prog} exited {p.returncode} for {e['type']} on {dev}")
+    try:
+        status = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _warn(f"{prog} ran longer than {timeout:g} s for {e['type']} on {dev}: killed")
+        return
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    if status != 0:
+        _warn(f"{prog} exited {status} for {e['type']} on {dev}")
 
 
 def _mail(addr, dev_id, e, timeout):
@@ -182,14 +200,20 @@ def follow(args):
     old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     fol = Follower(backlog=args.backlog)
     try:
+        first = True
         while True:
+            if not first:
+                time.sleep(args.scan_interval)
             for dev_id, e in fol.poll():
                 _show(dev_id, e, args.json)
                 if args.program:
                     _run_program(args.program, dev_id, e, args.program_timeout)
                 if args.mail:
                     _mail(args.mail, dev_id, e, args.program_timeout)
-            time.sleep(args.scan_interval)
+            if first:
+                _warn(f"following the events of every device in {runtime.run_dir()}"
+                      + (" (the backlog first)" if args.backlog else " from now on"))
+                first = False
     except _Stop:
         return 0
     finally:
