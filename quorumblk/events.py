@@ -155,7 +155,10 @@ class Sink:
     def open(self):
         """Open N.events for appending (rotated first if it is full)."""
         self.file = runtime.open_private(events_path(self.dev_id), append=True)
-        self._rotate_if_full()
+        try:
+            self._rotate_if_full()
+        except OSError as err:      # the device starts all the same
+            self.log(f"rotating {events_path(self.dev_id)}: {err}")
 
     def emit(self, evs):
         for e in evs:

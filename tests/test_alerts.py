@@ -103,6 +103,18 @@ def test_events_file_is_bounded(reps, devices, rundir):
     assert types(lines(rundir / "0.events")) == ["device-started"]
 
 
+def test_a_recovered_device_says_so_in_the_same_file(reps, devices, rundir):
+    info = devices("-t", "2", *reps)
+    os.kill(info["pid"], signal.SIGKILL)
+    assert wait_dead(info["pid"])
+    p = qb("recover", "--json", "0", fake=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["format"] == 1
+    assert qb("del", "0", fake=True).returncode == 0
+    assert types(lines(rundir / "0.events")) == ["device-started", "device-recovered",
+                                                 "device-stopped"]
+
+
 # -- the system log --
 
 @pytest.fixture
