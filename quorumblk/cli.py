@@ -14,11 +14,18 @@ import os
 import sys
 import time
 
-from . import __version__, daemon, errors, runtime
+from . import __version__, daemon, errors, events, monitor, runtime
 from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
                      UsageError, exit_status_text)
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+TABLE_COUNTERS = ("reads", "writes", "bad_blocks", "repairs", "errors", "timeouts",
+                  "late", "owed")
+
+
+def _json(obj, **kw):
+    """JSON output: every object carries "format" (README "JSON output")."""
+    return json.dumps(events.with_format(obj), **kw)
 
 
 def _positive_int(text):
@@ -237,6 +244,8 @@ def build_parser():
         jp.add_argument("--json", action="store_true", help="print JSON")
         jp.set_defaults(func=func)
 
+    monitor.add_parser(sub)
+
     rc = sub.add_parser(
         "recover", help="serve a device again after its daemon died",
         description="Serve DEV again after its daemon died (kill -9, a crash): the "
@@ -268,7 +277,7 @@ def cmd_add(args):
     if args.foreground:
         return res
     if args.json:
-        print(json.dumps(res, sort_keys=True))
+        print(_json(res, sort_keys=True))
     else:
         print(res["path"])
     return 0
@@ -278,7 +287,7 @@ def _ready(args):
     """What a foreground add or recover prints once the device is LIVE
     (what the detached one prints when it returns)."""
     def ready(res):
-        print(json.dumps(res, sort_keys=True) if args.json else res["path"],
+        print(_json(res, sort_keys=True) if args.json else res["path"],
               flush=True)
     return ready
 
@@ -287,14 +296,14 @@ def cmd_list(args):
     runtime.require_root("quorumblk list")
     devs = daemon.list_devices()
     if args.json:
-        print(json.dumps(devs, indent=1, sort_keys=True))
+        print(_json(devs, indent=1, sort_keys=True))
         return 0
     if not devs:
         print("no quorumblk devices")
         return 0
     for d in devs:
         good = sum(r["state"] == "in-service" for r in d["replicas"])
-        print(f"{d['path']}  id {d['id']}  {d['state']}  threshold {d['threshold']}"
+        print(f"{d['path']}  id {d['id']}  {d['health']}  {d['state']}  threshold {d['threshold']}"
               f"  {good}/{len(d['replicas'])} replicas in service  pid {d['pid']}")
         for r in d["replicas"]:
             print(f"  {r['state']:<11} {r['path']}")
@@ -305,17 +314,19 @@ def cmd_status(args):
     runtime.require_root("quorumblk status")
     s = daemon.device_status(args.dev)
     if args.json:
-        print(json.dumps(s, indent=1, sort_keys=True))
+        print(_json(s, indent=1, sort_keys=True))
         return 0
+    print(s["health"])
     print(f"{s['path']}  id {s['id']}  {s['state']}  pid {s['pid']}  "
           f"size {s['size']} bytes  threshold {s['threshold']}  "
           f"{s['in_service']}/{len(s['replicas'])} replicas in service")
     c = s["counters"]
     print("device: " + "  ".join(f"{k} {c[k]}" for k in sorted(c)))
+    print(f"{'replica state':<22}{'io':<10}" +
+          "".join(f"{k:>11}" for k in TABLE_COUNTERS) + "  path")
     for r in s["replicas"]:
-        print(f"replica {r['index']} {r['state']} {r['path']}")
-        print("  " + "  ".join(f"{k} {r[k]}" for k in sorted(r)
-                               if k not in ("path", "state", "index")))
+        print(f"{'replica %d %s' % (r['index'], r['state']):<22}{r['io']:<10}" +
+              "".join(f"{r[k]:>11}" for k in TABLE_COUNTERS) + f"  {r['path']}")
     if s.get("resync") and s["resync"]["reason"] != "none":
         print("at start: " + daemon.describe_resync(s["resync"]))
     j = s.get("job")
@@ -351,7 +362,7 @@ def cmd_del(args):
             failed.append((t, e))
             print(f"quorumblk: {e}", file=sys.stderr)
     if args.json:
-        print(json.dumps(done if args.all else done[0], sort_keys=True))
+        print(_json(done if args.all else done[0], sort_keys=True))
     else:
         for d in done:
             print(f"deleted {d['path']}")
@@ -366,7 +377,7 @@ def cmd_recover(args):
     if args.foreground:
         return res
     if args.json:
-        print(json.dumps(res, sort_keys=True))
+        print(_json(res, sort_keys=True))
     else:
         print(res["path"])
     return 0
@@ -388,7 +399,7 @@ def _start_job(args, command, **params):
         params["rate"] = args.rate
     job = runtime.request(st["id"], command, args=params)["job"]
     if args.background:
-        print(json.dumps(job, sort_keys=True) if args.json else
+        print(_json(job, sort_keys=True) if args.json else
               f"{job['what']} started on {st['path']}")
         return None
     return _follow(st, job, args.json)
@@ -402,7 +413,7 @@ def _follow(st, job, as_json, every=0.5):
     try:
         while True:
             if as_json and time.monotonic() - last_json >= 1.0:
-                print(json.dumps({"type": "progress", **_brief(job)}), flush=True)
+                print(_json({"type": "progress", **_brief(job)}), flush=True)
                 last_json = time.monotonic()
             if tty:
                 sys.stderr.write("\r" + _bar(job))
@@ -443,7 +454,7 @@ def _finish(job, as_json, describe):
     if job is None:
         return 0
     if as_json:
-        print(json.dumps({"type": "result", **job}, sort_keys=True))
+        print(_json({"type": "result", **job}, sort_keys=True))
     if job["state"] == "cancelled":
         raise CommandError(f"{job['what']} was cancelled: {job['error']}")
     if job["state"] != "done":
@@ -507,7 +518,7 @@ def cmd_job_show(args):
     st = runtime.find(args.dev)
     job = runtime.request(st["id"], "job")["job"]
     if args.json:
-        print(json.dumps(job, sort_keys=True))
+        print(_json(job, sort_keys=True))
     else:
         print(_job_line(job) if job else f"no job has run on {st['path']}")
     return 0
@@ -524,7 +535,7 @@ def cmd_job_cancel(args, timeout=60.0):
                                       f"runs {timeout:.0f} s later")
         time.sleep(0.1)
         job = runtime.request(st["id"], "job")["job"]
-    print(json.dumps(job, sort_keys=True) if args.json else _job_line(job))
+    print(_json(job, sort_keys=True) if args.json else _job_line(job))
     return 0
 
 
@@ -533,7 +544,7 @@ def cmd_remove_replica(args):
     st = runtime.find(args.dev)
     res = runtime.request(st["id"], "remove-replica",
                           args={"replica": _replica(args.replica)})["result"]
-    print(json.dumps(res, sort_keys=True) if args.json else
+    print(_json(res, sort_keys=True) if args.json else
           f"removed {res['removed']} from {st['path']}")
     return 0
 
@@ -547,7 +558,7 @@ def _fail(args, message, code):
     stdout, for the script that reads it."""
     print(f"quorumblk: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"type": "error", "ok": False, "error": message,
+        print(_json({"type": "error", "ok": False, "error": message,
                           "exit_code": code}, sort_keys=True), flush=True)
     return code
 

@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 
-from . import errors, lifecycle, meta, runtime
+from . import errors, events, lifecycle, meta, runtime
 from .core import Quorum
 from .errors import (CommandError, DaemonError, NoSuchDeviceError, QuorumError,
                      RefusedError, StartError, UsageError)
@@ -157,8 +157,8 @@ class Daemon:
         self.stopping = False
         self.stop_reason = None
         self.sock = None
-        self.events_file = None
-        self.events_failing = False     # the events file could not be written
+        self.sink = events.Sink(dev.id, log)     # N.events and the system log
+        self.job_seen = None        # the job whose end was last reported
         self.started = time.time()
         self.resync = None          # the resync's report (its job updates it)
         self.recovered = False      # serves a device whose daemon died
@@ -169,8 +169,7 @@ class Daemon:
     def publish(self):
         """Write the runtime files: events log, socket, then the state."""
         dev_id = self.dev.id
-        self.events_file = runtime.open_private(runtime.events_path(dev_id),
-                                                append=self.recovered)
+        self.sink.open()
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
 
@@ -236,6 +235,8 @@ class Daemon:
     def run(self):
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old = signal.set_wakeup_fd(wake_w)
+        self.sink.emit([events.lifecycle_event(
+            "device-recovered" if self.recovered else "device-started", path=self.dev.path)])
         try:
             while not self.stopping:
                 try:
@@ -383,30 +384,26 @@ class Daemon:
                    "options": dict(self.engine, **self.devopts),
                    "uptime_s": round(time.time() - self.started, 3),
                    "events_total": self.events_total,
+                   "log_errors": self.sink.syslog.errors,
                    "resync": self.resync,
                    "job": self.life.job.to_dict() if self.life.job else None,
                    "events": list(self.recent)})
+        st["health"] = events.health(st)
         return st
 
     def drain_events(self):
         if self.q.closed:
             return
         evs = self.q.events()
+        job = self.life.job
+        if job is not None and job.state != "running" and job is not self.job_seen:
+            self.job_seen = job
+            evs.append(events.job_event(job.to_dict()))
         if not evs:
             return
         self.recent.extend(evs)
         self.events_total += len(evs)
-        try:
-            for e in evs:
-                self.events_file.write(json.dumps(e, sort_keys=True) + "\n")
-            self.events_file.flush()
-            self.events_failing = False
-        except (OSError, ValueError) as err:
-            # /run full, say: the device goes on; status still has them
-            if not self.events_failing:
-                log(f"writing events to {runtime.events_path(self.dev.id)}: {err} "
-                    "(the device goes on; `quorumblk status` shows recent events)")
-            self.events_failing = True
+        self.sink.emit(evs)
 
     # -- tear-down --
     def shutdown(self):
@@ -431,8 +428,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close()
         runtime.remove_files(self.dev.id)
-        if self.events_file is not None:
-            self.events_file.close()
+        self.sink.emit([events.lifecycle_event("device-stopped", path=self.dev.path,
+                                               what=self.stop_reason)])
+        self.sink.close()
         try:
             self.q.close()
         except Exception as e:
@@ -750,16 +748,19 @@ def list_devices():
                     **_orphan_state(st),
                     "replicas": [{"path": r["path"], "state": "unknown"}
                                  for r in st.get("replicas", [])]})
+        out[-1]["health"] = "quiesced" if out[-1]["state"] == "quiesced" else "failed"
     for st in live:
         entry = {"id": st["id"], "path": st["path"], "pid": st["pid"],
                  "threshold": st["threshold"], "size": st.get("size")}
         try:
             s = runtime.request(st["id"], "status")["status"]
             entry["state"] = s["state"]
+            entry["health"] = s["health"]
             entry["replicas"] = [{"path": r["path"], "state": r["state"]}
                                  for r in s["replicas"]]
         except CommandError as e:
             entry["state"] = "unresponsive"
+            entry["health"] = "unknown"
             entry["error"] = str(e)
             entry["replicas"] = [{"path": r["path"], "state": "unknown"}
                                  for r in st.get("replicas", [])]

@@ -70,6 +70,7 @@ EXIT_STATUS = (
     (12, "scrub found blocks without quorum (left as they were)"),
     (13, "not recoverable (daemon alive, device not quiesced)"),
     (14, "the device is in use (mounted, open): del refused"),
+    (15, "a device is not clean (monitor --oneshot)"),
 )
 
 
@@ -151,6 +152,11 @@ class NotRecoverableError(CommandError):
 class DeviceInUseError(CommandError):
     """the device is in use (mounted, held or open)."""
     exit_code = 14
+
+
+class NotCleanError(CommandError):
+    """a device is not clean."""
+    exit_code = 15
 
 
 def exit_status_text():

@@ -20,13 +20,16 @@ Environment:
   FAKE_UBLK_DELAY      R:SECONDS: every read of replica R starts that late
                        (the engine's fault hook), from the device's start:
                        slows a resync down
+  FAKE_JOURNAL_SOCKET  the journal's socket (default: none, so that host
+  FAKE_SYSLOG_SOCKET   tests never log to the host's logger); syslog's
+  FAKE_SENDMAIL        what monitor --mail runs instead of /usr/sbin/sendmail
 """
 import errno
 import os
 import sys
 import time
 
-from quorumblk import cli, daemon, runtime
+from quorumblk import cli, daemon, events, monitor, runtime
 from quorumblk.errors import QuorumError
 
 NODES = os.environ["FAKE_UBLK_DIR"]
@@ -126,6 +129,10 @@ def install():
     daemon._device_module = lambda: FakeModule
     runtime.ublk_check = lambda: None
     runtime.kernel_has = lambda dev_id: os.path.exists(_node_path(dev_id))
+    nowhere = os.path.join(NODES, "no-such-socket")
+    events.JOURNAL_SOCKET = os.environ.get("FAKE_JOURNAL_SOCKET", nowhere)
+    events.SYSLOG_SOCKET = os.environ.get("FAKE_SYSLOG_SOCKET", nowhere)
+    monitor.SENDMAIL = os.environ.get("FAKE_SENDMAIL", monitor.SENDMAIL)
     if os.environ.get("FAKE_UBLK_START_TIMEOUT"):
         daemon.START_TIMEOUT = float(os.environ["FAKE_UBLK_START_TIMEOUT"])
 

@@ -220,7 +220,7 @@ def test_no_ublk_says_modprobe_and_which_kernels(reps, rundir):
 
 def test_add_list_status_del_round_trip(reps, devices, rundir, nodes):
     info = devices("-t", "2", "--read-policy", "threshold", "--timeout", "5", *reps)
-    assert set(info) == {"id", "path", "pid"}
+    assert set(info) == {"id", "path", "pid", "format"} and info["format"] == 1
     assert info["id"] == 0 and info["path"] == str(nodes / "ublkb0")
     assert os.path.exists(info["path"]) and alive(info["pid"])
 

@@ -471,7 +471,8 @@ def test_json_foreground_prints_json(reps, rundir, nodes):
                             stderr=subprocess.PIPE, text=True)
     try:
         info = json.loads(proc.stdout.readline())
-        assert info == {"id": 0, "path": str(nodes / "ublkb0"), "pid": proc.pid}
+        assert info == {"id": 0, "path": str(nodes / "ublkb0"), "pid": proc.pid,
+                        "format": 1}
         proc.terminate()
         assert proc.wait(timeout=20) == 0
     finally:

@@ -44,7 +44,7 @@ def test_every_command_error_has_its_exit_status_in_the_one_table():
     assert len(subs) >= 14
     for cls in [errors.CommandError] + subs:
         assert cls.exit_code in table, (cls, cls.exit_code)
-    assert sorted(table) == list(range(15))
+    assert sorted(table) == list(range(16))
     text = errors.exit_status_text()
     for code, what in errors.EXIT_STATUS:
         assert f"{code:2} {what}" in text
