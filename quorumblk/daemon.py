@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 
-from . import lifecycle, meta, runtime
+from . import config, lifecycle, meta, runtime
 from .core import Quorum
 from .errors import QuorumError
 from .runtime import CommandError, DaemonError, NoSuchDeviceError, StartError
@@ -37,7 +37,7 @@ REPLICAS_REFUSED = 10       # cli's exit status for refused replicas
 
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
-DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id")
+DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id", "name")
 
 
 def _device_module():
@@ -164,6 +164,12 @@ class Daemon:
                                                 append=self.recovered)
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
+        for u in (self.resync or {}).get("missing", []):
+            self.note({"type": "member-missing", "replica": None, "path": None,
+                       "member": u, "offset": 0, "length": 0, "errno": None,
+                       "suppressed": 0, "time": time.time()})
+        if self.devopts.get("name"):
+            config.link(self.devopts["name"], self.dev.path)
 
     def _listen(self, path):
         try:
@@ -378,12 +384,19 @@ class Daemon:
                    "events": list(self.recent)})
         return st
 
+    def note(self, event):
+        """An event of the daemon's own (not the engine's), logged alike."""
+        self._log_events([event])
+
     def drain_events(self):
         if self.q._q is None:
             return
         evs = self.q.events()
         if not evs:
             return
+        self._log_events(evs)
+
+    def _log_events(self, evs):
         self.recent.extend(evs)
         self.events_total += len(evs)
         try:
