@@ -287,19 +287,56 @@ def examine(path):
 
 # -- assemble --
 
+def _scan_candidates(configured):
+    """Where members that moved may be: every block device (when a replica
+    is one: disks come back under other names) and the regular files in the
+    configured image files' folders."""
+    out = []
+    if any(p.startswith("/dev/") for p in configured):
+        try:
+            names = sorted(os.listdir("/sys/class/block"))
+        except OSError:
+            names = []
+        for n in names:
+            if n.startswith(("ublkb", "sr", "fd")):
+                continue
+            try:
+                with open(f"/sys/class/block/{n}/size") as f:
+                    if int(f.read()) == 0:
+                        continue
+            except (OSError, ValueError):
+                continue
+            out.append("/dev/" + n)
+    for d in sorted({os.path.dirname(p) for p in configured
+                     if not p.startswith("/dev/")}):
+        try:
+            out += [os.path.join(d, n) for n in sorted(os.listdir(d))]
+        except OSError:
+            pass
+    return out
+
+
 def find_members(entry):
     """The replicas of the entry's set: [(path, header)] in slot order, the
-    missing members [(uuid, configured path or None)], warnings. Refuses a
-    configured path that holds another set or no metadata, naming it."""
+    missing members [(uuid, configured path or None)], and what was left
+    out [text]: a configured path that now holds another set or nothing of
+    quorumblk's (named, never used), a former member. Candidates: the
+    configured paths, the `devices` globs, then a scan (_scan_candidates)."""
     want = entry["set_uuid"]
     configured = list(entry["replicas"])
-    candidates = configured + [p for g in entry["devices"] for p in sorted(glob.glob(g))]
-    found, seen, warns = {}, set(), []
+    candidates = (configured +
+                  [p for g in entry["devices"] for p in sorted(glob.glob(g))] +
+                  _scan_candidates(configured))
+    found, seen, left_out = {}, set(), []
     for p in candidates:
-        if not os.path.exists(p):
+        try:
+            st = os.stat(p)
+        except OSError:
             continue
-        ident = runtime.replica_identity(p)
-        key = (ident["rdev"], ident["dev"], ident["ino"])
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            continue
+        key = (st.st_rdev, st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) \
+            else (st.st_rdev,)
         if key in seen:
             continue
         seen.add(key)
@@ -307,23 +344,23 @@ def find_members(entry):
             m, _ = meta.read(p)
         except meta.SetError as e:
             if p in configured:
-                raise CommandError(f"{entry['name']}: {e}", exit_code=REFUSED)
+                left_out.append(f"{p}: {e}")
             continue
         if m is None or meta.uuid_text(m.set_uuid) != want:
-            if p not in configured:
-                continue
-            what = ("has no quorumblk metadata" if m is None else
+            if p in configured:
+                left_out.append(f"{p} " + (
+                    "has no quorumblk metadata" if m is None else
                     f"belongs to another replica set ({meta.uuid_text(m.set_uuid)})")
-            raise CommandError(f"{entry['name']}: {p} {what}, not set {want}: refused",
-                               exit_code=REFUSED)
+                    + f", not set {want}: refused")
+            continue
         rid = meta.uuid_text(m.replica_uuid)
         if rid in found:
             raise CommandError(f"{entry['name']}: {found[rid][0]} and {p} are copies "
                                f"of the same replica ({rid}): refused", exit_code=REFUSED)
         found[rid] = (p, m)
     if not found:
-        raise CommandError(f"{entry['name']}: no member of set {want} found (looked "
-                           f"at {', '.join(candidates)})", exit_code=REFUSED)
+        raise CommandError(f"{entry['name']}: no member of set {want} found"
+                           + "".join(f"; {w}" for w in left_out), exit_code=REFUSED)
     ref = max((m for _, m in found.values()), key=lambda m: m.events)
     slots = {meta.uuid_text(ref.members[s].uuid): s for s in range(ref.nmembers)
              if ref.members[s].state != meta.REMOVED}
@@ -332,12 +369,12 @@ def find_members(entry):
         if rid in slots:
             members.append((slots[rid], p, m))
         else:
-            warns.append(f"{p} (replica {rid}) is no longer a member of set {want}: "
-                         "left out")
+            left_out.append(f"{p} (replica {rid}) is no longer a member of set "
+                            f"{want}: left out")
     members.sort()
     hints = dict(zip(entry["members"], entry["replicas"]))
     missing = [(u, hints.get(u)) for u in slots if u not in found]
-    return [(p, m) for _, p, m in members], missing, warns
+    return [(p, m) for _, p, m in members], missing, left_out
 
 
 def describe_missing(missing):
@@ -364,15 +401,16 @@ def check_unused(name):
 def plan_assemble(entry, degraded=False, warn=None):
     """The replica paths to add for the entry, after every check."""
     check_unused(entry["name"])
-    members, missing, warns = find_members(entry)
-    for w in warns:
-        if warn:
-            warn(w)
+    members, missing, left_out = find_members(entry)
     if missing and not (degraded or entry["allow_degraded"]):
         raise CommandError(
             f"{entry['name']}: {len(missing)} of {len(members) + len(missing)} "
-            f"members missing: {describe_missing(missing)}; refused (--degraded "
-            "starts it without them)", exit_code=REFUSED)
+            f"members missing: {describe_missing(missing)}"
+            + "".join(f"; {w}" for w in left_out)
+            + "; refused (--degraded starts it without them)", exit_code=REFUSED)
+    for w in left_out:
+        if warn:
+            warn(f"{entry['name']}: {w}")
     return [p for p, _ in members], missing
 
 

@@ -218,14 +218,41 @@ def test_assemble_refuses_a_member_of_another_set_naming_it(saved, tmp_path):
     before = files(saved)
     r = qb("assemble", "vol0", fake=True)
     assert r.returncode == 10, r.stderr
+    assert f"1 of 3 members missing: member " in r.stderr
     assert f"{saved[1]} belongs to another replica set ({set_uuid(other[0])})" in r.stderr
     assert files(saved) == before
 
 
-def test_assemble_refuses_missing_members_unless_degraded(saved, rundir, names):
+def test_members_that_moved_are_found_by_their_metadata(saved, tmp_path):
+    """A configured path that now holds another replica of the set, or
+    nothing of quorumblk's, is named and left out; the members are found
+    where they are now (the configured folders are scanned)."""
+    os.rename(saved[0], str(saved[0]) + ".moved")
+    os.rename(saved[1], saved[0])
+    with open(saved[1], "wb") as f:
+        f.write(bytes(1 << 20))
+    r = qb("assemble", "--json", "vol0", fake=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{saved[1]} has no quorumblk metadata" in r.stderr
+    dev = json.loads(r.stdout)
+    st = json.loads(qb("status", "--json", dev["id"], fake=True).stdout)
+    assert [x["path"] for x in st["replicas"]] == [str(saved[0]) + ".moved", saved[0],
+                                                   saved[2]]
+    assert st["in_service"] == 3
+    _del(dev["id"])
+
+
+def away(path, tmp_path):
+    """Take a replica away (out of every place assemble looks)."""
+    d = tmp_path / "away"
+    d.mkdir(exist_ok=True)
+    os.rename(path, d / os.path.basename(path))
+
+
+def test_assemble_refuses_missing_members_unless_degraded(saved, rundir, tmp_path):
     keep = set_uuid(saved[0])
     missing = config.examine(str(saved[2]))["replica_uuid"]
-    os.rename(saved[2], str(saved[2]) + ".gone")
+    away(saved[2], tmp_path)
     before = files(saved[:2])
     r = qb("assemble", "vol0", fake=True)
     assert r.returncode == 10, r.stderr
@@ -243,10 +270,11 @@ def test_assemble_refuses_missing_members_unless_degraded(saved, rundir, names):
     _del(dev["id"])
 
 
-def test_an_entry_that_allows_it_starts_degraded_without_the_option(saved, conf):
+def test_an_entry_that_allows_it_starts_degraded_without_the_option(saved, conf,
+                                                                   tmp_path):
     p = conf / "vol0.toml"
     p.write_text(p.read_text().replace("allow_degraded = false", "allow_degraded = true"))
-    os.rename(saved[0], str(saved[0]) + ".gone")
+    away(saved[0], tmp_path)
     r = qb("assemble", "--json", "vol0", fake=True)
     assert r.returncode == 0, r.stderr
     _del(json.loads(r.stdout)["id"])
