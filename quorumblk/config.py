@@ -48,6 +48,20 @@ DEFAULTS = {"read_policy": "all", "hash": "xxh3", "vote_block": 4096,
             "members": [], "allow_degraded": False}
 
 
+# the values `add` accepts (cli.py checks the same on the command line)
+CHECKS = [
+    ("read_policy", lambda v: v in ("all", "threshold", "fifo"), "all, threshold or fifo"),
+    ("hash", lambda v: v in ("xxh3", "sha256"), "xxh3 or sha256"),
+    ("vote_block", lambda v: 512 <= v <= 512 << 10 and not v & (v - 1),
+     "a power of two from 512 to 524288"),
+    ("timeout", lambda v: 0 < v < float("inf"), "a positive number of seconds"),
+    ("queues", lambda v: 1 <= v <= 64, "1 to 64"),
+    ("depth", lambda v: 1 <= v <= 4096, "1 to 4096"),
+    ("block_size", lambda v: v in (512, 4096), "512 or 4096"),
+    ("id", lambda v: 0 <= v < 1 << 20, f"0 to {(1 << 20) - 1}"),
+]
+
+
 class ConfigError(CommandError):
     """the configuration cannot be used."""
     exit_code = 1
@@ -152,6 +166,9 @@ def _validate(data, name):
         raise ValueError("replicas must be a list of absolute paths")
     if not 1 <= out["threshold"] <= len(out["replicas"]):
         raise ValueError(f"threshold {out['threshold']} out of range 1..{len(out['replicas'])}")
+    for k, ok, what in CHECKS:
+        if out[k] is not None and not ok(out[k]):
+            raise ValueError(f"{k} = {out[k]!r}: {what}")
     try:
         out["set_uuid"] = str(uuid.UUID(out["set_uuid"]))
     except ValueError:

@@ -74,6 +74,12 @@ def test_an_entry_reads_back_as_written_with_awkward_strings(conf):
     ("name = 'vol0'\nthreshold = 1\nreplicas = ['/a']\n", "set_uuid is missing"),
     ("name = 'vol0'\nset_uuid = '0b6a3f6e-4a0e-4d7c-9c53-3f1c1e0e2a11'\n"
      "threshold = true\nreplicas = ['/a']\n", "threshold must be a int"),
+    ("name = 'vol0'\nset_uuid = '0b6a3f6e-4a0e-4d7c-9c53-3f1c1e0e2a11'\n"
+     "threshold = 1\nreplicas = ['/a']\ndepth = 0\n", "depth = 0: 1 to 4096"),
+    ("name = 'vol0'\nset_uuid = '0b6a3f6e-4a0e-4d7c-9c53-3f1c1e0e2a11'\n"
+     "threshold = 1\nreplicas = ['/a']\nvote_block = 3000\n", "vote_block = 3000: a power"),
+    ("name = 'vol0'\nset_uuid = '0b6a3f6e-4a0e-4d7c-9c53-3f1c1e0e2a11'\n"
+     "threshold = 1\nreplicas = ['/a']\nread_policy = 'any'\n", "read_policy = 'any'"),
 ])
 def test_a_bad_entry_is_refused_naming_the_file(conf, text, why):
     p = write_raw(conf, "vol0", text)
