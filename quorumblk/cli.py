@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from . import __version__, daemon, errors, events, monitor, runtime
+from . import __version__, configcli, daemon, errors, events, monitor, runtime
 from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
                      UsageError, exit_status_text)
 
@@ -154,6 +154,7 @@ def build_parser():
     a.add_argument("--foreground", "-f", action="store_true",
                    help="serve in this process (for systemd) instead of detaching")
     a.add_argument("--json", action="store_true", help="print JSON")
+    configcli.add_options(a)
     a.set_defaults(func=cmd_add)
 
     ls = sub.add_parser("list", help="list the devices")
@@ -259,6 +260,7 @@ def build_parser():
                     help="serve in this process (for systemd) instead of detaching")
     rc.add_argument("--json", action="store_true", help="print JSON")
     rc.set_defaults(func=cmd_recover)
+    configcli.register(sub, _ready, warn)
     return p
 
 
@@ -272,10 +274,17 @@ def cmd_add(args):
               "buffered": args.buffered, "timeout": args.timeout}
     devopts = {"queues": args.queues, "depth": args.depth,
                "block_size": args.block_size, "dev_id": args.dev_id}
+    ready = _ready(args)
+    configcli.save_check(args)
+    if args.save is not None:
+        devopts["name"] = args.save
+        ready = _saving(args, engine, devopts, ready)
     res = daemon.add(args.replicas, args.threshold, engine, devopts,
-                     foreground=args.foreground, warn=warn, ready=_ready(args))
+                     foreground=args.foreground, warn=warn, ready=ready)
     if args.foreground:
         return res
+    if args.save is not None:
+        configcli.save(args, args.replicas, engine, devopts, res)
     if args.json:
         print(_json(res, sort_keys=True))
     else:
@@ -290,6 +299,17 @@ def _ready(args):
         print(_json(res, sort_keys=True) if args.json else res["path"],
               flush=True)
     return ready
+
+
+def _saving(args, engine, devopts, ready):
+    """A foreground add --save saves the entry once the device is LIVE."""
+    def saving(res):
+        try:
+            configcli.save(args, args.replicas, engine, devopts, res)
+        except CommandError as e:
+            warn(str(e))    # the device serves on: this process is its daemon
+        ready(res)
+    return saving
 
 
 def cmd_list(args):

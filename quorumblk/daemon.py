@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 
-from . import errors, events, lifecycle, meta, runtime
+from . import config, errors, events, lifecycle, meta, runtime
 from .core import Quorum
 from .errors import (CommandError, DaemonError, NoSuchDeviceError, QuorumError,
                      RefusedError, StartError, UsageError)
@@ -36,7 +36,7 @@ DEVICE_MAX_IO = 512 * 1024
 
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
-DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id")
+DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id", "name")
 
 
 def _device_module():
@@ -172,6 +172,12 @@ class Daemon:
         self.sink.open()
         self.sock = self._listen(runtime.sock_path(dev_id))
         runtime.write_state(self.state())
+        for u in (self.resync or {}).get("missing", []):
+            self.note({"type": "member-missing", "replica": None, "path": None,
+                       "member": u, "offset": 0, "length": 0, "errno": None,
+                       "suppressed": 0, "time": time.time()})
+        if self.devopts.get("name"):
+            config.link(self.devopts["name"], self.dev.path)
 
     def _listen(self, path):
         try:
@@ -391,6 +397,10 @@ class Daemon:
         st["health"] = events.health(st)
         return st
 
+    def note(self, event):
+        """An event of the daemon's own (not the engine's), logged alike."""
+        self._log_events([event])
+
     def drain_events(self):
         if self.q.closed:
             return
@@ -401,6 +411,9 @@ class Daemon:
             evs.append(events.job_event(job.to_dict()))
         if not evs:
             return
+        self._log_events(evs)
+
+    def _log_events(self, evs):
         self.recent.extend(evs)
         self.events_total += len(evs)
         self.sink.emit(evs)

@@ -251,6 +251,8 @@ def remove_files(dev_id, keep_events=True):
             os.unlink(name)
         except FileNotFoundError:
             pass
+    from . import config        # its stable name, /dev/quorumblk/NAME
+    config.unlink_for(dev_id)
 
 
 def state_ids():

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.timeout(120)
 def rundir(tmp_path, monkeypatch):
     d = tmp_path / "run"
     monkeypatch.setenv("QUORUMBLK_RUN_DIR", str(d))
+    # stable names (/dev/quorumblk/NAME) and device entries stay here too
+    monkeypatch.setenv("QUORUMBLK_DEV_DIR", str(tmp_path / "dev-names"))
+    monkeypatch.setenv("QUORUMBLK_CONFIG_DIR", str(tmp_path / "conf"))
     return d
 
 

@@ -26,7 +26,7 @@ export QB_DEVICE_SUITE=1
 
 # the power-loss test has boots of its own (tests/device/powerloss/in-vm.sh)
 timeout "${QB_DEVICE_SUITE_TIMEOUT:-2700}" .venv/bin/python -m pytest tests/device \
-	--ignore=tests/device/powerloss -v -p no:cacheprovider --timeout=600 -o junit_family=xunit2 \
+	--ignore=tests/device/powerloss --ignore=tests/device/twoboot -v -p no:cacheprovider --timeout=600 -o junit_family=xunit2 \
 	--junitxml="$logs/device.xml" "$@"
 rc=$?
 echo "run-in-vm: pytest exit $rc"
