@@ -62,7 +62,8 @@ from bench.engine import (GIB, MIB, REPLICAS, RESULTS, ROOT, STRIDE,
 
 try:
     from quorumblk import Quorum, meta
-    from quorumblk.daemon import CLEAN_EVERY_S, CLEAN_IDLE_S, DEVICE_MAX_IO
+    from quorumblk.assembly import DEVICE_MAX_IO
+    from quorumblk.server import CLEAN_EVERY_S, CLEAN_IDLE_S
 except ImportError as e:        # the engine is not built yet
     sys.exit(f"import quorumblk: {e}; build it first: "
              ".venv/bin/pip install -e '.[test]'")

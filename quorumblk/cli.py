@@ -4,7 +4,8 @@ remove-replica) and scrub it; show or cancel the job that runs; recover a
 device whose daemon died. Replica paths are made absolute here, where they
 are given (the daemon works from /).
 
-Each handler is a call or two into quorumblk.daemon; main() turns every
+Each handler is a call or two into quorumblk.daemon (add, recover) or
+quorumblk.client (list, status, del); main() turns every
 error into `quorumblk: <message>` on stderr and the error's exit status
 (a traceback only with --debug; with --json also a JSON object on stdout).
 """
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-from . import __version__, configcli, daemon, errors, events, monitor, runtime
+from . import __version__, assembly, client, configcli, daemon, errors, events, monitor, runtime
 from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
                      UsageError, exit_status_text)
 
@@ -60,9 +61,9 @@ def _seconds(text):
 
 def _vote_block(text):
     v = _positive_int(text)
-    if v & (v - 1) or not 512 <= v <= daemon.DEVICE_MAX_IO:
+    if v & (v - 1) or not 512 <= v <= assembly.DEVICE_MAX_IO:
         raise argparse.ArgumentTypeError(
-            f"vote block {text} must be a power of two from 512 to {daemon.DEVICE_MAX_IO}")
+            f"vote block {text} must be a power of two from 512 to {assembly.DEVICE_MAX_IO}")
     return v
 
 
@@ -314,7 +315,7 @@ def _saving(args, engine, devopts, ready):
 
 def cmd_list(args):
     runtime.require_root("quorumblk list")
-    devs = daemon.list_devices()
+    devs = client.list_devices()
     if args.json:
         print(_json(devs, indent=1, sort_keys=True))
         return 0
@@ -332,7 +333,7 @@ def cmd_list(args):
 
 def cmd_status(args):
     runtime.require_root("quorumblk status")
-    s = daemon.device_status(args.dev)
+    s = client.device_status(args.dev)
     if args.json:
         print(_json(s, indent=1, sort_keys=True))
         return 0
@@ -348,7 +349,7 @@ def cmd_status(args):
         print(f"{'replica %d %s' % (r['index'], r['state']):<22}{r['io']:<10}" +
               "".join(f"{r[k]:>11}" for k in TABLE_COUNTERS) + f"  {r['path']}")
     if s.get("resync") and s["resync"]["reason"] != "none":
-        print("at start: " + daemon.describe_resync(s["resync"]))
+        print("at start: " + assembly.describe_resync(s["resync"]))
     j = s.get("job")
     if j:
         print(f"job: {j['what']} {j['state']} {j['percent']}% of "
@@ -375,7 +376,7 @@ def cmd_del(args):
     done, failed = [], []
     for t in targets:
         try:
-            done.append(daemon.delete(t, timeout=args.timeout, force=args.force))
+            done.append(client.delete(t, timeout=args.timeout, force=args.force))
         except CommandError as e:
             if not args.all:
                 raise

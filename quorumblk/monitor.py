@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from . import daemon, events, runtime
+from . import client, events, runtime
 from .errors import CommandError, NotCleanError, UsageError
 
 SENDMAIL = "/usr/sbin/sendmail"
@@ -237,7 +237,7 @@ def counts(dev_id):
 def oneshot(args):
     devs = [{"id": d["id"], "path": d["path"], "health": d["health"],
              "state": d["state"], "events": counts(d["id"])}
-            for d in daemon.list_devices()]
+            for d in client.list_devices()]
     clean = all(d["health"] == "clean" for d in devs)
     if args.json:
         print(json.dumps(events.with_format({"type": "summary", "clean": clean,

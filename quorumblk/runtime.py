@@ -28,10 +28,19 @@ import tempfile
 import time
 
 from .errors import (CommandError, DaemonError, NoSuchDeviceError, NotRootError,
-                     UblkMissingError)
+                     StartError, UblkMissingError)
 
 DEFAULT_RUN_DIR = "/run/quorumblk"
 CONTROL_TIMEOUT = 5.0
+
+
+def device_module():
+    """quorumblk.device, the ublk binding (tests put a fake in its place)."""
+    try:
+        from . import device
+    except ImportError as e:
+        raise StartError(f"this build has no ublk binding (quorumblk.device: {e})")
+    return device
 
 
 def run_dir():

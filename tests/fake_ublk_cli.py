@@ -126,7 +126,7 @@ class FakeModule:
 
 
 def install():
-    daemon._device_module = lambda: FakeModule
+    runtime.device_module = lambda: FakeModule
     runtime.ublk_check = lambda: None
     runtime.kernel_has = lambda dev_id: os.path.exists(_node_path(dev_id))
     nowhere = os.path.join(NODES, "no-such-socket")

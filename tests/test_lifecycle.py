@@ -32,7 +32,7 @@ def imgs(tmp_path):
 
 
 def start(paths, threshold=2, **kw):
-    """What `add` does without the device (daemon.prepare)."""
+    """What `add` does without the device (assembly.prepare)."""
     plan = meta.assemble(paths, threshold)
     q = Quorum(paths, threshold, events_per_sec=0, **kw)
     meta.commit(paths, plan)

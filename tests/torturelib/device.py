@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from quorumblk import QuorumError, daemon, lifecycle, runtime
+from quorumblk import QuorumError, lifecycle, runtime, server
 
 from .dm import DmSet
 from .worker import JobFailed, Worker
@@ -278,5 +278,5 @@ class DeviceWorker(Worker):
     def cmd_clean(self, idle):
         """The daemon cleans regions idle for CLEAN_IDLE_S by itself: wait
         until it has had the chance."""
-        time.sleep(daemon.CLEAN_IDLE_S + 2 * daemon.CLEAN_EVERY_S)
+        time.sleep(server.CLEAN_IDLE_S + 2 * server.CLEAN_EVERY_S)
         return {"cleared": "by the daemon"}
