@@ -324,8 +324,8 @@ def cmd_list(args):
         return 0
     for d in devs:
         good = sum(r["state"] == "in-service" for r in d["replicas"])
-        print(f"{d['path']}  id {d['id']}  {d['health']}  {d['state']}  threshold {d['threshold']}"
-              f"  {good}/{len(d['replicas'])} replicas in service  pid {d['pid']}")
+        print(f"{d['path']}  id {d['id']}  {d['health']}  {d['state']}  "
+              f"threshold {d['threshold']}  {good}/{len(d['replicas'])} replicas in service  pid {d['pid']}")
         for r in d["replicas"]:
             print(f"  {r['state']:<11} {r['path']}")
     return 0
@@ -580,7 +580,7 @@ def _fail(args, message, code):
     print(f"quorumblk: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         print(_json({"type": "error", "ok": False, "error": message,
-                          "exit_code": code}, sort_keys=True), flush=True)
+                     "exit_code": code}, sort_keys=True), flush=True)
     return code
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import flip, make_images
-from test_cli import FAKE, alive, devices, nodes, qb, reps, rundir, wait_dead  # noqa: F401
+from test_cli import FAKE, devices, nodes, qb, reps, rundir, wait_dead  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
