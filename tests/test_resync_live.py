@@ -124,8 +124,9 @@ def test_a_region_done_by_the_resync_takes_the_normal_vote_again(tmp_path):
 def test_user_writes_during_the_resync_are_never_overwritten(tmp_path, monkeypatch):
     """The resync stops after its first step while a user writes and reads
     (fifo: one replica would do) blocks it has not reached; then it runs on,
-    with a writer going all the while. Every block written holds its last
-    write on every replica at the end, every crash copy the plurality."""
+    with a writer and a reader going all the while. Every block written
+    holds its last write on every replica at the end, every crash copy the
+    plurality."""
     monkeypatch.setattr(meta, "SYNC_STEP", 1 << 20)
     paths = crashed_set(tmp_path, 3, 2, [0, 1, 2, 3])
     torn = [r * REGION + k * 64 * BS for r in range(1, 4) for k in range(8)]
@@ -163,12 +164,19 @@ def test_user_writes_during_the_resync_are_never_overwritten(tmp_path, monkeypat
                 q.write(off, data)
                 last[off] = data
                 i += 1
-        w = threading.Thread(target=writer)
-        w.start()
+        def reader():      # its repairs race the writer's writes
+            i = 0
+            while not stop.is_set():
+                q.read(REGION + (i * 4099 % (3 * REGION // BS - 8)) * BS, 8 * BS)
+                i += 1
+        others = [threading.Thread(target=f) for f in (writer, reader)]
+        for o in others:
+            o.start()
         go.set()
         t.join(120)
         stop.set()
-        w.join()
+        for o in others:
+            o.join()
         assert job["report"]["done"], job
         for off in torn:
             if off not in last:
