@@ -89,7 +89,7 @@ def test_add_is_live_before_its_resync_ends(crashed, rundir, nodes):
         assert "runs while the device serves" in err, err
         assert f"quorumblk job show {info['id']}" in err, err
         s = json.loads(qb("status", "--json", info["id"], fake=True).stdout)
-        assert s["state"] == "live"
+        assert s["state"] == "live" and s["health"] == "resyncing", s["health"]
         job = s["job"]
         assert job["kind"] == "resync" and job["state"] == "running", job
         assert job["total_bytes"] == SIZE and job["done_bytes"] < SIZE
@@ -106,6 +106,7 @@ def test_add_is_live_before_its_resync_ends(crashed, rundir, nodes):
         s = json.loads(qb("status", "--json", info["id"], fake=True).stdout)
         r = s["resync"]
         assert r["done"] and r["bytes"] == SIZE and r["copied_blocks"] == 1, r
+        assert s["health"] == "clean", s["health"]
         assert "at start: resynced" in qb("status", info["id"], fake=True).stdout
         p = qb("del", info["id"], fake=True)
         assert p.returncode == 0, p.stderr
