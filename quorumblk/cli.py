@@ -338,6 +338,11 @@ def cmd_status(args):
         print(_json(s, indent=1, sort_keys=True))
         return 0
     print(s["health"])
+    if s.get("error"):          # its daemon died (client._orphan_entry)
+        print(f"{s['path']}  id {s['id']}  {s['state']}: {s['error']}")
+        for i, r in enumerate(s["replicas"]):
+            print(f"replica {i} {r['state']}  {r['path']}")
+        return 0
     print(f"{s['path']}  id {s['id']}  {s['state']}  pid {s['pid']}  "
           f"size {s['size']} bytes  threshold {s['threshold']}  "
           f"{s['in_service']}/{len(s['replicas'])} replicas in service")

@@ -15,12 +15,7 @@ def list_devices():
     out = []
     live, orphaned = runtime.scan()
     for st in orphaned:
-        out.append({"id": st["id"], "path": st["path"], "pid": st["pid"],
-                    "threshold": st["threshold"], "size": st.get("size"),
-                    **orphan_state(st),
-                    "replicas": [{"path": r["path"], "state": "unknown"}
-                                 for r in st.get("replicas", [])]})
-        out[-1]["health"] = "quiesced" if out[-1]["state"] == "quiesced" else "failed"
+        out.append(_orphan_entry(st))
     for st in live:
         entry = {"id": st["id"], "path": st["path"], "pid": st["pid"],
                  "threshold": st["threshold"], "size": st.get("size")}
@@ -40,8 +35,25 @@ def list_devices():
     return sorted(out, key=lambda e: e["id"])
 
 
+def _orphan_entry(st):
+    """What list and status say of a device whose daemon died while the
+    kernel holds it: quiesced (recover serves it again) or orphaned, with
+    the error that says what to do."""
+    entry = {"id": st["id"], "path": st["path"], "pid": st["pid"],
+             "threshold": st["threshold"], "size": st.get("size"),
+             **orphan_state(st),
+             "replicas": [{"path": r["path"], "state": "unknown"}
+                          for r in st.get("replicas", [])]}
+    entry["health"] = "quiesced" if entry["state"] == "quiesced" else "failed"
+    return entry
+
+
 def device_status(dev):
-    st = runtime.find(dev)
+    """The daemon's status of device dev; of a device whose daemon died,
+    what list says of it (health quiesced or failed, and the error)."""
+    st = runtime.find(dev, orphans=True)
+    if not runtime.is_live(st):
+        return _orphan_entry(st)
     return runtime.request(st["id"], "status")["status"]
 
 

@@ -379,6 +379,10 @@ def test_health_words(reps, devices, rundir, tmp_path):
     assert wait_dead(info["pid"])
     (entry,) = json.loads(qb("list", "--json", fake=True).stdout)
     assert entry["health"] == "quiesced" and entry["state"] == "quiesced"
+    assert health() == "quiesced"
+    s = json.loads(qb("status", "--json", "0", fake=True).stdout)
+    assert (s["health"], s["state"]) == ("quiesced", "quiesced")
+    assert "quorumblk recover 0" in s["error"], s["error"]
     assert qb("del", "0", fake=True).returncode == 0
 
 
