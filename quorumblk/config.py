@@ -23,13 +23,13 @@ import time
 import uuid
 
 from . import meta, runtime
-from .runtime import CommandError, NoSuchDeviceError
+from .errors import (CommandError, ConfigError, NoSuchDeviceError, RefusedError,
+                     UsageError)
 
 DEFAULT_DIR = "/etc/quorumblk"
 DEFAULT_DEV_DIR = "/dev/quorumblk"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
-REFUSED = 10                # cli's exit status for refused replicas
 
 # key: (type, required); engine and device options are as `add` takes them
 KEYS = {
@@ -62,15 +62,10 @@ CHECKS = [
 ]
 
 
-class ConfigError(CommandError):
-    """the configuration cannot be used."""
-    exit_code = 1
-
-
 def check_name(name):
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise CommandError(f"bad device name {name!r}: use 1 to 64 of A-Z a-z 0-9 "
-                           ". _ - (not starting with '.')", exit_code=2)
+        raise UsageError(f"bad device name {name!r}: use 1 to 64 of A-Z a-z 0-9 "
+                         ". _ - (not starting with '.')")
     return name
 
 
@@ -223,8 +218,8 @@ def check_new(name, directory=None):
     """Refuse an entry that exists; make the folder (0755). Before add."""
     path = entry_path(name, directory)
     if os.path.lexists(path):
-        raise CommandError(f"{path} exists: device {name} is configured already "
-                           f"(`quorumblk config remove {name}` first)", exit_code=2)
+        raise UsageError(f"{path} exists: device {name} is configured already "
+                         f"(`quorumblk config remove {name}` first)")
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     return path
 
@@ -372,12 +367,12 @@ def find_members(entry):
             continue
         rid = meta.uuid_text(m.replica_uuid)
         if rid in found:
-            raise CommandError(f"{entry['name']}: {found[rid][0]} and {p} are copies "
-                               f"of the same replica ({rid}): refused", exit_code=REFUSED)
+            raise RefusedError(f"{entry['name']}: {found[rid][0]} and {p} are copies "
+                               f"of the same replica ({rid}): refused")
         found[rid] = (p, m)
     if not found:
-        raise CommandError(f"{entry['name']}: no member of set {want} found"
-                           + "".join(f"; {w}" for w in left_out), exit_code=REFUSED)
+        raise RefusedError(f"{entry['name']}: no member of set {want} found"
+                           + "".join(f"; {w}" for w in left_out))
     ref = max((m for _, m in found.values()), key=lambda m: m.events)
     slots = {meta.uuid_text(ref.members[s].uuid): s for s in range(ref.nmembers)
              if ref.members[s].state != meta.REMOVED}
@@ -411,8 +406,8 @@ def running_names():
 def check_unused(name):
     st = running_names().get(name)
     if st:
-        raise CommandError(f"device {name} runs already: {st['path']} (pid "
-                           f"{st['pid']})", exit_code=REFUSED)
+        raise RefusedError(f"device {name} runs already: {st['path']} (pid "
+                           f"{st['pid']})")
 
 
 def plan_assemble(entry, degraded=False, warn=None):
@@ -420,11 +415,11 @@ def plan_assemble(entry, degraded=False, warn=None):
     check_unused(entry["name"])
     members, missing, left_out = find_members(entry)
     if missing and not (degraded or entry["allow_degraded"]):
-        raise CommandError(
+        raise RefusedError(
             f"{entry['name']}: {len(missing)} of {len(members) + len(missing)} "
             f"members missing: {describe_missing(missing)}"
             + "".join(f"; {w}" for w in left_out)
-            + "; refused (--degraded starts it without them)", exit_code=REFUSED)
+            + "; refused (--degraded starts it without them)")
     for w in left_out:
         if warn:
             warn(f"{entry['name']}: {w}")

@@ -6,7 +6,7 @@ import shutil
 import sys
 
 from . import config, daemon, runtime
-from .runtime import CommandError
+from .errors import CommandError, UsageError
 
 
 def _dir_option(parser):
@@ -125,7 +125,7 @@ def save_check(args):
     folder can be made, the name is not running."""
     if args.save is None:
         if args.allow_degraded:
-            raise CommandError("--allow-degraded is for --save", exit_code=2)
+            raise UsageError("--allow-degraded is for --save")
         return
     config.check_new(args.save, args.config_dir)
     config.check_unused(args.save)
@@ -168,8 +168,7 @@ def _assemble_one(args, entry, ready, warn):
 
 def _scan(args, ready, warn):
     if args.foreground:
-        raise CommandError("--scan starts detached devices: no --foreground",
-                           exit_code=2)
+        raise UsageError("--scan starts detached devices: no --foreground")
     running = config.running_names()
     worst = 0
     for name in config.names(args.config_dir):
@@ -210,7 +209,7 @@ def cmd_install_unit(args):
     entry = config.read(args.name, args.config_dir)
     exe = args.exe or shutil.which("quorumblk") or "/usr/local/bin/quorumblk"
     if not os.path.isabs(exe):
-        raise CommandError(f"--exec {exe}: give an absolute path", exit_code=2)
+        raise UsageError(f"--exec {exe}: give an absolute path")
     where = config.config_dir(args.config_dir)     # the unit names a moved one
     paths = config.install_unit(entry, exe, args.unit_dir, args.enable,
                                 None if where == config.DEFAULT_DIR else where)

@@ -84,6 +84,10 @@ class CommandError(Exception):
             self.exit_code = exit_code
 
 
+class ConfigError(CommandError):
+    """the configuration cannot be used."""
+
+
 class UsageError(CommandError):
     """bad usage."""
     exit_code = 2
