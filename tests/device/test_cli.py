@@ -331,8 +331,8 @@ def test_foreground_daemon_exits_0_on_signal(images, sig):
 
 def test_daemon_killed_leaves_nothing_that_del_cannot_remove(images, cli):
     """kill -9 of the daemon: the kernel keeps the device, quiesced (it was
-    made with user recovery); list shows it quiesced, status says the daemon
-    died and names recover, its replicas stay taken, and del removes it from
+    made with user recovery); list and status show it quiesced, status says the
+    daemon died and names recover, its replicas stay taken, and del removes it from
     the kernel."""
     paths = images(3, 16 << 20)
     info = cli("-t", "2", *paths)
@@ -344,8 +344,8 @@ def test_daemon_killed_leaves_nothing_that_del_cannot_remove(images, cli):
     assert mine["state"] == "quiesced", mine
     assert f"quorumblk recover {info['id']}" in mine["error"]
     p = qb("status", info["id"])
-    assert p.returncode == 8 and "died" in p.stderr
-    assert f"quorumblk recover {info['id']}" in p.stderr
+    assert p.returncode == 0 and p.stdout.startswith("quiesced\n"), (p.stdout, p.stderr)
+    assert "died" in p.stdout and f"quorumblk recover {info['id']}" in p.stdout
     others = images(2, 16 << 20, prefix="o")
     p = qb("add", "-t", "2", others[0], others[1], paths[0])
     assert p.returncode == 5, p.stderr
