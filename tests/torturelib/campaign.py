@@ -691,10 +691,25 @@ class Campaign:
             self.script.close()
         self.script = self.waiting = None
         self.audit.files(after_crash=True)
+        self.count_torn()
         self.start_worker()
         if self.setup.device:
             self.reap(old)
         self.verify_all()
+
+    def count_torn(self):
+        """The blocks a torn crash left split among the voters (the figures
+        say whether the crash rule had anything to decide)."""
+        torn, self.thrasher.torn = self.thrasher.torn, None
+        if torn is None:
+            return
+        voters = self.audit.voters()
+        copies = [self.files.read(p, *torn) for p in voters]
+        split = sum(len({c[b:b + BLOCK] for c in copies}) > 1
+                    for b in range(0, torn[1], BLOCK))
+        self.stats.resync["torn blocks"] += split
+        self.note(f"torn write at {torn[0]}+{torn[1]}: {split} blocks split among "
+                  f"{len(voters)} voters")
 
     def reap(self, old):
         """The worker killed at a device crash dies once its I/O, waiting

@@ -76,7 +76,8 @@ def live_resyncs(r):
     """What ran while a worker's resync did (campaign.py, resync_pace)."""
     text = (f"{r.get('starts', 0)} worker starts served during their resync "
             f"({r.get('paced', 0)} paced), {r.get('reads', 0)} reads sent meanwhile, "
-            f"{r.get('kills', 0)} kill -9 during one")
+            f"{r.get('kills', 0)} kill -9 during one; {r.get('torn blocks', 0)} blocks "
+            "split by torn writes at kill -9")
     if r.get("failed, degraded"):
         text += f", {r['failed, degraded']} failed with fewer than threshold in service"
     return text

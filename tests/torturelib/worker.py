@@ -44,9 +44,9 @@ LATE_FAULTS = "late" in core.FAULTS        # the new engine: held until release
 JOB_LIMIT = 60.0                           # seconds a lifecycle job may take
 LOCKED = ("write", "write-fua", "discard", "write-zeroes")
 # control commands that start a lifecycle job or change the set: they wait
-# for the resync (Lifecycle refuses them while a job runs)
+# for the resync (Lifecycle refuses them while a job runs); and a clean stop
 AFTER_RESYNC = ("readd", "heal", "cycles", "late", "scrub", "replace",
-                "add_replica", "remove_replica")
+                "add_replica", "remove_replica", "stop")
 
 
 class ReaddLimit(Exception):
