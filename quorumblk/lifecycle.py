@@ -279,13 +279,14 @@ class Lifecycle:
                     "repair": repair}
         return self._run(job, work)
 
-    def resync(self, rs):
+    def resync(self, rs, rate=None):
         """Run the resync that add or recover found (a meta.Resync) as a job,
-        while the device serves. Not cancellable (see the module's text)."""
+        while the device serves (at most rate bytes per second). Not
+        cancellable (see the module's text)."""
         r = rs.report
         why = {"unclean-stop": "after an unclean stop",
                "stale-replica": "of " + ", ".join(r["stale"])}
-        job = Job("resync", rs.total, f"resync {why.get(r['reason'], '')}".strip())
+        job = Job("resync", rs.total, f"resync {why.get(r['reason'], '')}".strip(), rate)
         job.cancellable = False
         return self._run(job, lambda: rs.run(job.progress))
 

@@ -16,12 +16,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
 from torturelib.campaign import Campaign
 from torturelib.model import Damage, Op, Tracker, Versions
 from torturelib.payload import GARBAGE, decode, payload
+from torturelib.protocol import Channel
 from torturelib.schedule import DECK, Schedule, Setup
 
 TORTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torture.py")
@@ -85,6 +87,12 @@ def test_the_campaigns_really_injected_faults_and_checked_ops(campaigns):
         assert ops[kind] > 0, (kind, ops)
     assert sum(c.stats.sectors_read for c in runs) > 100000
     assert sum(c.stats.eio_expected for c in runs) > 0   # no-quorum reads failed
+    # workers served while their resync ran, and crashes tore writes
+    live = collections.Counter()
+    for c in runs:
+        live.update(c.stats.resync)
+    assert live["starts"] > live["paced"] > 0 and live["reads"] > 0, live
+    assert faults["torn-write"] > 0 and live["torn blocks"] > 0, (faults, live)
 
 
 @pytest.mark.parametrize("sabotage,category", [
@@ -177,3 +185,113 @@ def test_a_schedule_is_a_function_of_its_seed_and_deals_every_action():
     assert Schedule(setup).step(33) == a.step(33)       # a prefix needs no suffix
     assert sorted(a.action_kind(i) for i in range(len(DECK))) == sorted(DECK)
     assert Setup.from_seed(6) != setup
+
+
+# -- the resync runs while the worker serves (issue 9 item 4) --
+
+def test_reads_after_a_crash_must_agree_with_the_first_one_even_when_they_overlap():
+    versions = Versions(64)
+    tracker = Tracker(versions)
+    versions.acknowledge(0, 8, 5)
+    versions.unknown(0, 8, 6)               # in flight at the crash
+    versions.crashed()
+    first, second = Op(1, "read", 0, 4096), Op(2, "read", 0, 4096)
+    tracker.start(first)
+    tracker.start(second)                   # both before the first answers
+    tracker.end(1)
+    tracker.end(2)
+    assert tracker.mismatches(first, [[8, 6]]) == []
+    for s in range(8):                      # the campaign settles on what it read
+        versions.settle(s, 6)
+    assert versions.unsettled == set()
+    # allowed when the second read started, but the crash rule's answer changed
+    assert tracker.mismatches(second, [[8, 5]])[:1] == [(0, 5)]
+    assert tracker.mismatches(second, [[8, 6]]) == []
+    later = Op(3, "read", 0, 4096)
+    tracker.start(later)
+    assert tracker.mismatches(later, [[8, 5]])[:1] == [(0, 5)]
+    # a write since the read started: the model cannot say what it saw
+    racing = Op(4, "read", 0, 4096)
+    tracker.start(racing)
+    versions.acknowledge(0, 8, 7)
+    assert tracker.mismatches(racing, [[8, 6]]) == []
+
+
+def test_any_read_settles_what_the_read_back_after_a_crash_could_not(tmp_path):
+    setup = Setup.from_seed(21, "tmpfs")
+    c = Campaign(setup, Schedule(setup), str(tmp_path))
+    c.versions.acknowledge(0, 16, 5)
+    c.versions.unknown(0, 16, 6)
+    c.versions.crashed()                    # (its read-back failed: EIO)
+    op = c.new_op("read", 0, 4096)
+    c.ops[op.id] = op
+    c.op_started(op, c.now())
+    c.op_ended({"id": op.id, "ok": 1, "dur": 0.01})
+    c.read_data({"id": op.id, "runs": [[4, 6], [4, 5]]})
+    assert not c.violations
+    assert [c.versions.allowed(s) for s in (0, 4, 8)] == [{6}, {5}, {5, 6}]
+    assert c.versions.unsettled == set(range(8, 16))
+
+
+def worker_config(tmp_path, paths, pace):
+    return {"paths": paths, "threshold": 2, "timeout": 1.0, "region_shift": 16,
+            "read_policy": "all", "max_io": 256 << 10, "threads": 2, "readd_limit": 0,
+            "device": False, "workdir": str(tmp_path), "size": 4 << 20, "dev_id": None,
+            "resync": pace}
+
+
+def until(channel, kinds, seconds=60):
+    """The worker's messages up to the first of kinds (that one last)."""
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        msg = channel.get(0.2)
+        if msg is not None:
+            out.append(msg)
+            if msg["ev"] in kinds:
+                return out
+    raise AssertionError(f"no {kinds} in {seconds} s: {out[-5:]}")
+
+
+def test_the_worker_serves_while_its_resync_runs_and_jobs_wait_for_it(tmp_path):
+    """After a kill -9 the next worker is ready before its resync ends:
+    reads are answered meanwhile, and a scrub (refused while a job runs)
+    waits for the resync instead of failing."""
+    paths = []
+    for k in range(3):
+        paths.append(str(tmp_path / f"r{k}.img"))
+        with open(paths[-1], "wb") as f:
+            f.truncate(4 << 20)
+    log = str(tmp_path / "worker.log")
+    first = Channel(worker_config(tmp_path, paths, {}), log)
+    until(first, ("ready",))
+    first.send({"cmd": "ops", "ops": [[k, "write", k * (64 << 10), 4096, k + 1]
+                                      for k in range(1, 64)]})
+    msgs = []
+    while sum(m["ev"] == "e" for m in msgs) < 63:
+        msgs += until(first, ("e",))
+    assert all(m["ok"] for m in msgs if m["ev"] == "e"), msgs[-3:]
+    first.kill()                            # every region written stays dirty
+    first.close()
+    second = Channel(worker_config(tmp_path, paths, {"step": 64 << 10, "seconds": 3.0}),
+                     log)
+    try:
+        ready = until(second, ("ready",))[-1]
+        assert ready["resync"]["reason"] == "unclean-stop" and not ready["resync"]["done"]
+        second.send({"cmd": "scrub", "cid": 1})
+        second.send({"cmd": "ops", "ops": [[100 + k, "read", k * (64 << 10), 4096, 0]
+                                           for k in range(64)]})
+        msgs = until(second, ("c",), 120)
+        order = [m["ev"] for m in msgs]
+        assert msgs[-1]["ok"], msgs[-1]     # the scrub waited: no JobRunningError
+        assert "resynced" in order, order
+        resynced = msgs[order.index("resynced")]
+        assert resynced["state"] == "done", resynced
+        reads = [m for m in msgs[:order.index("resynced")] if m["ev"] == "r"]
+        assert reads, "no read was answered while the resync ran"
+        for m in reads:                     # what was acknowledged before the kill
+            k = m["id"] - 100
+            assert m["runs"] == [[8, k + 1 if k else 0]], m
+    finally:
+        second.kill()
+        second.close()

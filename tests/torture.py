@@ -4,16 +4,19 @@
 From one seed, a schedule of steps: each a batch of load from several
 threads (reads, writes with and without FUA, flushes, discards and
 write-zeroes of 512 B to max_io at random alignments) and one thrasher
-action (bit flips in a minority of replicas' data and metadata, EIO, hangs,
-late completions, fail + readd cycles, replace, add-replica,
-remove-replica, scrub, bitmap clean, kill -9 of the worker and a
-reassembly like a power cut). The engine runs in a worker process opened
-like `quorumblk add` does without the device; this process keeps the model
-and checks, as it goes, that every read returns a version the model
-allows, no acknowledged write is lost, EIO comes only where no quorum can
-exist, no operation outlives the replica timeout plus a margin, fds and RSS
-do not grow with fail/readd cycles, and after the final scrub every
-in-service replica is byte-identical.
+action (bit flips in a minority of replicas' data and metadata, EIO,
+hangs, late completions, fail + readd cycles, replace, add-replica,
+remove-replica, scrub, bitmap clean, kill -9 of the worker, half of the
+time with a write torn (held on some replicas), and a reassembly like a
+power cut, whose resync runs while the next worker serves). The engine
+runs in a worker process opened like `quorumblk add` does without the
+device; this process keeps the model and checks, as it goes, that every
+read returns a version the model allows, no acknowledged write is lost,
+every read after a crash agrees with the first read of its sectors since
+it (and the resync with it), EIO comes only where no quorum can exist, no
+operation outlives the replica timeout plus a margin, fds and RSS do not
+grow with fail/readd cycles, and after the final scrub every in-service
+replica is byte-identical.
 
 With --device (as root, where the kernel has ublk: the device VM) the same
 campaign runs over /dev/ublkbN: the set is made with `quorumblk add`, the

@@ -58,7 +58,8 @@ def test_a_device_campaign_holds_every_invariant_and_injects_every_fault(scratch
     s = c.stats
     print(f"\n{s.steps} steps; ops {dict(s.ops)}; faults {dict(s.faults)}; "
           f"crashes {dict(s.crashes)}; skipped {dict(s.skipped)}; refused "
-          f"{dict(s.refused)}; events {dict(s.events)}; final {s.final}")
+          f"{dict(s.refused)}; events {dict(s.events)}; live resyncs {dict(s.resync)}; "
+          f"final {s.final}")
     assert s.steps == STEPS
     assert s.final["identical"] and s.final["in_service"] >= setup.threshold, s.final
     for kind in ("flip-data", "fail-readd", "scrub", "clean", "replace",

@@ -16,9 +16,15 @@ versions the model allows (or a known flip), and where the bitmap on the
 replicas is clean every member must hold the same bytes.
 A crash (kill -9 of the worker, deliberate or not): what was in flight
 becomes possible, the files are audited as the next assembly will see
-them, a new worker assembles and resyncs, and every sector is read back
-and must hold its acknowledged version or a newer one that was in flight;
-the model then settles on what was read.
+them, a new worker assembles and reports ready while its resync runs (as
+the daemon goes LIVE), and every sector is read back meanwhile, by the
+crash rule where the resync has not been yet: each must hold its
+acknowledged version or a newer one that was in flight; the model then
+settles on what was read (model.py: the first read after a crash settles
+a sector, every later read must agree). The resync's pace is drawn per
+worker start from the seed (resync_pace); its end is reported
+("resynced"): a failure with a quorum in service is a violation. The
+worker makes the commands that need no job running wait for it.
 At the end: every fault cleared, every member back, a scrub, and every
 in-service replica's data area byte-identical and as the model says.
 
@@ -36,6 +42,7 @@ import sys
 import collections
 import errno
 import os
+import random
 import time
 
 from .model import BLOCK, SECTORS_PER_BLOCK, Damage, Op, Tracker, Versions
@@ -50,6 +57,8 @@ REAP_LIMIT = 120.0          # seconds a worker killed at a device crash may take
 CONTROL_LIMIT = 330.0       # a control command (jobs included) at most
 START_LIMIT = 120.0         # a worker's assembly and resync at most
 CATEGORIES = ("wrong-read", "lost-write", "unexpected-eio", "hang")
+RESYNC_STEPS = (64 << 10, 256 << 10, 1 << 20)   # sync pieces of a paced resync
+RESYNC_SECONDS = (0.5, 1.5, 4.0)                # its length, about
 
 
 class Abort(Exception):
@@ -85,6 +94,7 @@ class Stats:
         self.workers = 0
         self.restarts = 0                       # clean ones (--readd-limit)
         self.crashes = collections.Counter()
+        self.resync = collections.Counter()     # live resyncs: starts, paced, reads, kills
         self.late = []
         self.bursts = []                        # fds and RSS around bursts
         self.lives = []                         # fds and RSS per worker life
@@ -151,6 +161,9 @@ class Campaign:
         self.results = {}           # cid -> end message, for call()
         self.late_faults = False
         self.device = {}            # device mode: dev_id, dev_path, daemon_pid
+        self.resyncing = False      # the worker's resync has not reported its end
+        self.resync_since = 0.0
+        self.pace = {}
         self.t0 = time.monotonic()
 
     # ------------------------------------------------------------------ run
@@ -207,11 +220,23 @@ class Campaign:
     # --------------------------------------------------------------- worker
     def worker_config(self, paths):
         s = self.setup
+        self.pace = self.resync_pace()
         return {"paths": paths, "threshold": s.threshold, "timeout": s.timeout,
                 "region_shift": s.region_shift, "read_policy": s.read_policy,
                 "max_io": s.max_io, "threads": s.threads, "readd_limit": self.readd_limit,
                 "device": s.device, "workdir": self.dir, "size": s.size,
-                "dev_id": self.device.get("dev_id")}
+                "dev_id": self.device.get("dev_id"), "resync": self.pace}
+
+    def resync_pace(self):
+        """How the next worker's resync runs, from the seed and the start's
+        number: a quarter at full speed in 16 MiB pieces (as the daemon),
+        the rest paced in small pieces over a second or more, so that the
+        read-back and the load surely meet regions both before and after
+        the resync passed them. (The device mode's daemon keeps its own.)"""
+        rng = random.Random(f"{self.setup.seed}/resync/{self.stats.workers}")
+        if rng.random() < 0.25:
+            return {}
+        return {"step": rng.choice(RESYNC_STEPS), "seconds": rng.choice(RESYNC_SECONDS)}
 
     def start_worker(self):
         """Assemble the set in a new worker: the members, and replicas that
@@ -245,6 +270,12 @@ class Campaign:
             self.device = {k: msg[k] for k in ("dev_id", "dev_path", "daemon_pid")}
         self.joining.clear()
         self.leaving.clear()
+        resync = msg.get("resync") or {}
+        self.resyncing = resync.get("reason", "none") != "none"
+        self.resync_since = self.now()
+        if self.resyncing:
+            self.stats.resync["starts"] += 1
+            self.stats.resync["paced"] += bool(self.pace)
         self.apply_view(msg, judge=False)
         self.damage.down = {p for p in self.members if self.view[p] != "in-service"}
         self.damage.meta_victim = None
@@ -468,12 +499,30 @@ class Campaign:
             self.read_data(msg)
         elif ev == "c":
             self.control_ended(msg)
+        elif ev == "resynced":
+            self.resync_ended(msg)
         elif ev == "error":
             self.violation("worker-error", msg["text"][-2000:])
         elif ev == "eof":
             self.worker_died()
 
+    def resync_ended(self, msg):
+        """The resync the worker started at its assembly ended: done, or
+        failed only where the damage left fewer than threshold in service."""
+        self.resyncing = False
+        self.note(f"the resync ended: {msg['state']} {msg.get('error') or ''}")
+        if msg["state"] == "timeout":
+            self.violation("hang", f"the resync after the assembly: {msg['error']}")
+        elif msg["state"] == "failed":
+            if self.damage.degraded(self.resync_since):
+                self.stats.resync["failed, degraded"] += 1
+            else:
+                self.violation("resync-failed", f"the resync after the assembly: "
+                               f"{msg['error_type']}: {msg['error']}")
+
     def op_started(self, op, when):
+        if self.resyncing and op.kind == "read":
+            self.stats.resync["reads"] += 1
         op.started = time.monotonic()
         op.started_at = when
         op.eio_ok = self.eio_possible(op)
@@ -529,13 +578,31 @@ class Campaign:
             self.settle(op, msg["runs"], bad)
         elif bad:
             self.report_mismatch(op, bad)
+        elif self.versions.unsettled:
+            self.settle_open(op, msg["runs"])
+
+    def settle_open(self, op, runs):
+        """A read of sectors a crash left open (the read-back failed there)
+        settles them, where no write raced it."""
+        open_ = self.versions.unsettled
+        sector = op.first
+        for count, version in runs:
+            for s in range(sector, sector + count):
+                if s in open_ and not any(w.covers(s) for w in op.overlaps):
+                    self.versions.settle(s, version)
+            sector += count
 
     def report_mismatch(self, op, bad, what="read"):
         garbage = [b for b in bad if b[1] == GARBAGE]
-        category = "wrong-read" if garbage else "lost-write"
-        s, v = (garbage or bad)[0]
+        unstable = [b for b in bad if b[1] != GARBAGE and op.snapshot.allows(*b)]
+        category = ("wrong-read" if garbage else "lost-write" if len(unstable) < len(bad)
+                    else "unstable-read")
+        s, v = (garbage or [b for b in bad if b not in unstable] or bad)[0]
         allowed = (self.tracker.allowed(op, s) if op.first <= s < op.first + op.count
                    else "nothing: the result has the wrong length")
+        if category == "unstable-read":
+            what += " (allowed at its start; another read after the crash settled it)"
+            allowed = self.versions.allowed(s)
         self.violation(category, f"{what} at {op.offset} length {op.length}: {len(bad)} "
                        f"sectors not allowed, e.g. sector {s} holds {describe(v)}, "
                        f"allowed {sorted(allowed) if isinstance(allowed, set) else allowed}")
@@ -575,7 +642,8 @@ class Campaign:
     def crash(self, reason):
         """kill -9 of the worker, then what a restart after a power cut does."""
         self.log(f"step {self.step_index}: kill -9 ({reason})")
-        self.note(f"kill -9 ({reason})")
+        self.note(f"kill -9 ({reason})" + (" during the resync" if self.resyncing else ""))
+        self.stats.resync["kills"] += self.resyncing
         if self.script is not None:
             self.script.close()
         self.script = self.waiting = None
@@ -611,6 +679,7 @@ class Campaign:
         in_flight = [op for op in self.tracker.running.values() if op.writes]
         for op in in_flight:
             self.versions.unknown(op.first, op.count, op.version)
+        self.versions.crashed()
         self.in_flight_at_crash = in_flight
         self.tracker.running.clear()
         self.ops.clear()
@@ -622,10 +691,25 @@ class Campaign:
             self.script.close()
         self.script = self.waiting = None
         self.audit.files(after_crash=True)
+        self.count_torn()
         self.start_worker()
         if self.setup.device:
             self.reap(old)
         self.verify_all()
+
+    def count_torn(self):
+        """The blocks a torn crash left split among the voters (the figures
+        say whether the crash rule had anything to decide)."""
+        torn, self.thrasher.torn = self.thrasher.torn, None
+        if torn is None:
+            return
+        voters = self.audit.voters()
+        copies = [self.files.read(p, *torn) for p in voters]
+        split = sum(len({c[b:b + BLOCK] for c in copies}) > 1
+                    for b in range(0, torn[1], BLOCK))
+        self.stats.resync["torn blocks"] += split
+        self.note(f"torn write at {torn[0]}+{torn[1]}: {split} blocks split among "
+                  f"{len(voters)} voters")
 
     def reap(self, old):
         """The worker killed at a device crash dies once its I/O, waiting

@@ -102,6 +102,22 @@ class DeviceWorker(Worker):
         return {"dev_id": self.dev_id, "dev_path": self.dev_path,
                 "daemon_pid": self.daemon_pid}
 
+    def wait_resync(self):
+        """After `recover` the daemon resyncs as a job while it serves: wait
+        until no resync job runs (its end, as the daemon's job says, or None
+        if none ran)."""
+        deadline = time.monotonic() + CLI_LIMIT
+        while True:
+            job = self.daemon_status().get("job") or {}
+            if job.get("kind") != "resync":
+                return None
+            if job.get("state") != "running":
+                return {k: job.get(k) for k in ("state", "error", "error_type")}
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the daemon's resync did not end in {CLI_LIMIT:.0f} s "
+                                   f"({job.get('percent')}% done)")
+            time.sleep(0.1)
+
     def daemon_status(self):
         return runtime.request(self.dev_id, "status")["status"]
 

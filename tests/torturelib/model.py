@@ -5,6 +5,14 @@ version of the last acknowledged write (`acked`), plus the versions of
 writes whose outcome is unknown (`maybe`: they failed, or were in flight at
 a crash) until an acknowledged write covers the sector again.
 
+After a crash every sector of unknown outcome is `unsettled`: the engine
+reads it by the crash rule (every replica, plurality) until the resync has
+passed it, and repairs the losers, so the first read settles it (`settle`)
+and every later read, the resync's result and the final audit must hold
+that same version. Reads that overlap the first one in time must agree
+with it too: a read is checked against what was possible at its start and
+against the model at its end.
+
 Tracker: the operations in flight, in the order the worker reported them.
 Writes never overlap each other (the worker takes range locks); a read may
 overlap writes, and then it may return what was possible when it started or
@@ -33,10 +41,11 @@ WRITES = ("write", "write-fua", "discard", "write-zeroes")
 class Snapshot:
     """What sectors [first, first + count) could hold at one moment."""
 
-    def __init__(self, first, acked, maybe):
+    def __init__(self, first, acked, maybe, gen):
         self.first = first
         self.acked = acked
         self.maybe = maybe
+        self.gen = gen
 
     def allows(self, sector, version):
         return (self.acked[sector - self.first] == version or
@@ -48,6 +57,9 @@ class Versions:
         self.sectors = sectors
         self.acked = array("q", bytes(8 * sectors))
         self.maybe = {}         # sector -> {versions of unknown outcome}
+        self.unsettled = set()  # sectors a crash left open, not read since
+        self.gen = array("q", bytes(8 * sectors))   # the last write's number, per sector
+        self.writes = 0
 
     def allowed(self, sector):
         return {self.acked[sector]} | self.maybe.get(sector, set())
@@ -59,22 +71,42 @@ class Versions:
 
     def snapshot(self, first, count):
         return Snapshot(first, self.acked[first:first + count],
-                        {s: set(self.maybe[s]) for s in self._maybe_in(first, count)})
+                        {s: set(self.maybe[s]) for s in self._maybe_in(first, count)},
+                        self.gen[first:first + count])
+
+    def _wrote(self, first, count):
+        self.writes += 1
+        self.gen[first:first + count] = array("q", [self.writes]) * count
+
+    def unwritten_since(self, snapshot, sector):
+        """No write ended at sector since snapshot was taken."""
+        return self.gen[sector] == snapshot.gen[sector - snapshot.first]
+
+    def allows_now(self, sector, version):
+        return self.acked[sector] == version or version in self.maybe.get(sector, ())
 
     def acknowledge(self, first, count, version):
         self.acked[first:first + count] = array("q", [version]) * count
+        self._wrote(first, count)
         for s in self._maybe_in(first, count):
             del self.maybe[s]
+            self.unsettled.discard(s)
 
     def unknown(self, first, count, version):
+        self._wrote(first, count)
         for s in range(first, first + count):
             if self.acked[s] != version:
                 self.maybe.setdefault(s, set()).add(version)
 
+    def crashed(self):
+        """A crash: every sector of unknown outcome is open until read."""
+        self.unsettled = set(self.maybe)
+
     def settle(self, sector, version):
-        """Sector holds version from now on (read after a crash resync)."""
+        """Sector holds version from now on (the first read after a crash)."""
         self.acked[sector] = version
         self.maybe.pop(sector, None)
+        self.unsettled.discard(sector)
 
 
 class Op:
@@ -142,14 +174,21 @@ class Tracker:
         return out | {w.version for w in op.overlaps if w.covers(sector)}
 
     def mismatches(self, op, runs):
-        """[(sector, version read)] a read returned that it may not have."""
+        """[(sector, version read)] a read returned that it may not have:
+        not possible at its start, or no longer possible now although no
+        write touched the sector since its start (another read settled it
+        on another version meanwhile: the crash rule's answer changed)."""
         bad = []
         sector = op.first
+        versions = self.versions
         for count, version in runs:
             for s in range(sector, sector + count):
                 if op.snapshot.allows(s, version):
-                    continue
-                if any(w.version == version and w.covers(s) for w in op.overlaps):
+                    if versions.allows_now(s, version) or \
+                            not versions.unwritten_since(op.snapshot, s) or \
+                            any(w.covers(s) for w in op.overlaps):
+                        continue
+                elif any(w.version == version and w.covers(s) for w in op.overlaps):
                     continue
                 bad.append((s, version))
             sector += count

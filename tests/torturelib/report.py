@@ -15,7 +15,7 @@ def record(campaign, seconds):
         "late_faults": c.late_faults,
         "ops": dict(s.ops), "sectors_read": s.sectors_read,
         "faults": dict(s.faults, **({"kill -9": sum(s.crashes.values())} if s.crashes else {})),
-        "crashes": dict(s.crashes),
+        "crashes": dict(s.crashes), "resync": dict(s.resync),
         "eio_expected": s.eio_expected, "eio_raced": s.eio_raced,
         "excused_blocks": s.excused, "events": dict(s.events),
         "skipped": dict(s.skipped), "refused": dict(s.refused), "notes": dict(s.notes),
@@ -30,7 +30,7 @@ def total(records):
     out = {"seeds": len(records), "steps": 0, "seconds": 0.0, "ops": collections.Counter(),
            "faults": collections.Counter(), "sectors_read": 0, "eio_expected": 0,
            "eio_raced": 0, "excused_blocks": 0, "violations": collections.Counter(),
-           "cycles": 0, "workers": 0}
+           "cycles": 0, "workers": 0, "resync": collections.Counter()}
     for r in records:
         for k in ("steps", "seconds", "sectors_read", "eio_expected", "eio_raced",
                   "excused_blocks", "workers"):
@@ -38,6 +38,7 @@ def total(records):
         out["ops"].update(r["ops"])
         out["faults"].update(r["faults"])
         out["violations"].update(v["category"] for v in r["violations"])
+        out["resync"].update(r.get("resync", {}))
         out["cycles"] += sum(b["done"] for b in r["bursts"])
     return out
 
@@ -71,6 +72,17 @@ def resources(r):
     return text
 
 
+def live_resyncs(r):
+    """What ran while a worker's resync did (campaign.py, resync_pace)."""
+    text = (f"{r.get('starts', 0)} worker starts served during their resync "
+            f"({r.get('paced', 0)} paced), {r.get('reads', 0)} reads sent meanwhile, "
+            f"{r.get('kills', 0)} kill -9 during one; {r.get('torn blocks', 0)} blocks "
+            "split by torn writes at kill -9")
+    if r.get("failed, degraded"):
+        text += f", {r['failed, degraded']} failed with fewer than threshold in service"
+    return text
+
+
 def figures(records, findings):
     """The table: totals, then each seed, then every finding."""
     t = total(records)
@@ -79,7 +91,8 @@ def figures(records, findings):
              f"  ops checked      {counts(t['ops'])} ({t['sectors_read'] * 512 >> 20} MiB read "
              "and checked sector by sector)",
              f"  faults injected  {counts(t['faults'])}",
-             f"  fail+readd       {t['cycles']} cycles"]
+             f"  fail+readd       {t['cycles']} cycles",
+             f"  live resyncs     {live_resyncs(t['resync'])}"]
     inv = " | ".join(f"{name} {t['violations'].get(cat, 0)}" for cat, name in INVARIANTS)
     other = {k: v for k, v in t["violations"].items() if k not in dict(INVARIANTS)}
     lines.append(f"  invariants       {inv} | other {counts(collections.Counter(other))}")

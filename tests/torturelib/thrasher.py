@@ -43,6 +43,7 @@ class Thrasher:
     def __init__(self, campaign):
         self.c = campaign
         self.faulted = {}           # path -> the fault armed on it
+        self.torn = None            # (offset, length) of the write torn_crash held
 
     def script(self, action):
         return getattr(self, "do_" + action.kind.replace("-", "_"))(action.params)
@@ -286,9 +287,15 @@ class Thrasher:
             self.c.stats.refused[f"{kind}: {msg.get('type')}: {msg.get('error')}"[:160]] += 1
 
     def do_crash(self, p):
+        if (p["pick"] >> 16) & 1 and not self.c.setup.device:
+            yield from self.torn_crash(p)
+            return
         yield Kill("crash")
 
     def do_crash_during(self, p):
+        if (p["pick"] >> 16) & 1 and not self.c.setup.device:
+            yield from self.torn_crash(p)
+            return
         during = p["during"]
         if during == "readd":
             path = yield from self.victim_or_heal(p["pick"])
@@ -308,6 +315,37 @@ class Thrasher:
             self.c.control("add-replica", path=self.join())
         yield Sleep(p["after"])
         yield Kill("crash during " + during)
+
+    def torn_crash(self, p):
+        """A power cut's torn writes, which kill -9 alone does not give (the
+        kernel still completes what the engine submitted): writes hang on k
+        of the in-service members (1 <= k < n; a fault the worker's kill
+        ends), a write is sent, and the worker is killed well before the
+        replica timeout would fail them. The copies then split between
+        the old and the new version, two against two with four replicas:
+        no class of threshold, the crash rule's plurality decides. Half of
+        the host's crash and crash-during steps (by their pick: the
+        schedule's draws stay as they were); the device mode lifts its dm
+        faults before its crash, so it has none."""
+        members = self.healthy()
+        if len(members) < 2:
+            yield Kill("crash")
+            return
+        k = 1 + (p["pick"] >> 8) % (len(members) - 1)
+        held = [members[(p["pick"] + j) % len(members)] for j in range(k)]
+        for path in held:
+            self.arm(path, "hang")
+            yield self.c.control("inject", replica=path, kind="hang", ops=["write"],
+                                 offset=0, length=None, count=0)
+        offset, length = self.c.window
+        length = min(length, 16 * BLOCK)
+        start = offset + (p["pick"] % max(1, self.c.window[1] - length)) // BLOCK * BLOCK
+        self.c.probe("write", start, length)
+        self.torn = (start, length)
+        self.c.stats.faults["torn-write"] += 1
+        self.c.note(f"torn write at {start}+{length}: held on {k} of {len(members)}")
+        yield Sleep(self.c.setup.timeout * 0.3)
+        yield Kill("crash during torn writes")
 
     def do_no_quorum(self, p):
         """Deliberately beyond the budget: one block flipped on so many

@@ -1,6 +1,15 @@
 """The worker process: the replica set opened the way `quorumblk add` does
 without the device (meta.assemble, Quorum, meta.commit, Quorum.set_meta,
-meta.resync), serving what the controller sends (protocol.py).
+then the resync as a lifecycle job), serving what the controller sends
+(protocol.py).
+
+It reports ready as soon as the set is attached, as the daemon goes LIVE:
+the resync runs meanwhile, so that the controller's load and its read-back
+after a crash meet regions not yet resynced (read by the crash rule). The
+controller paces it (config "resync": sync pieces of `step` bytes, over
+about `seconds`), and the worker reports its end ("resynced"). Commands
+that change the set or scrub wait for it first (a job runs: they would be
+refused); faults, fail, status and the load do not.
 
 The device mode's worker (device.py) is a subclass: the same lanes and
 commands over /dev/ublkbN and the quorumblk command instead of the engine;
@@ -34,6 +43,10 @@ from .protocol import DIAGNOSIS_DONE, encode
 LATE_FAULTS = "late" in core.FAULTS        # the new engine: held until release
 JOB_LIMIT = 60.0                           # seconds a lifecycle job may take
 LOCKED = ("write", "write-fua", "discard", "write-zeroes")
+# control commands that start a lifecycle job or change the set: they wait
+# for the resync (Lifecycle refuses them while a job runs); and a clean stop
+AFTER_RESYNC = ("readd", "heal", "cycles", "late", "scrub", "replace",
+                "add_replica", "remove_replica", "stop")
 
 
 class ReaddLimit(Exception):
@@ -167,9 +180,13 @@ class Worker:
         self.readds = 0                 # readds asked of the engine
         self.readd_limit = config.get("readd_limit") or 0
         self.events = {}
+        self.resync_job = None
 
     # -- the replica set --
     def open(self):
+        """Assemble and attach the set; the resync it needs starts as a job
+        and runs on after this returns (as assembly.prepare and the
+        daemon's start do). Returns its report (updated as it runs)."""
         c = self.cfg
         plan = meta.assemble(c["paths"], c["threshold"], c["region_shift"])
         self.q = Quorum(c["paths"], c["threshold"], timeout=c["timeout"],
@@ -177,9 +194,44 @@ class Worker:
                         max_io=c["max_io"])
         meta.commit(c["paths"], plan)
         self.q.set_meta(plan.metas, plan.bitmap)
-        report = meta.resync(self.q, plan)
         self.life = lifecycle.Lifecycle(self.q)
-        return report
+        rs = meta.Resync(self.q, plan)
+        if not rs.needed:
+            rs.run()
+            return rs.report
+        pace = c.get("resync") or {}
+        if pace.get("step"):            # smaller pieces: synced regions show up one by one
+            meta.SYNC_STEP = pace["step"]
+        rate = rs.total / pace["seconds"] if pace.get("seconds") and rs.total else None
+        self.resync_job = self.life.resync(rs, rate)
+        return rs.report
+
+    def wait_resync(self):
+        """Wait until the resync started at open (if any) has ended; its
+        end as {"state", "error", "error_type"}, or None if none ran.
+        TimeoutError (the stacks in the log) if it outlives JOB_LIMIT."""
+        job = self.resync_job
+        if job is None:
+            return None
+        try:
+            self.wait_job(job)
+        except JobFailed:
+            pass                        # the end says so
+        return {"state": job.state, "error": job.error, "error_type": job.error_type}
+
+    def watch_resync(self):
+        """Report the resync's end to the controller ("resynced"), from a
+        thread of its own; started once ready is sent."""
+        def watch():
+            try:
+                end = self.wait_resync()
+            except TimeoutError as e:
+                end = {"state": "timeout", "error": str(e), "error_type": "TimeoutError"}
+            except Exception as e:      # the device's daemon went away (a crash)
+                end = {"state": "unknown", "error": str(e), "error_type": type(e).__name__}
+            if end is not None:
+                self.out.send(ev="resynced", **end)
+        threading.Thread(target=watch, daemon=True, name="resync-watch").start()
 
     def ready(self):
         """What the ready message says besides the replicas."""
@@ -280,6 +332,8 @@ class Worker:
         cid = msg.pop("cid")
         name = msg.pop("cmd")
         try:
+            if name.replace("-", "_") in AFTER_RESYNC:
+                self.wait_resync()
             result = getattr(self, "cmd_" + name.replace("-", "_"))(**msg)
             self.out.send(ev="c", cid=cid, ok=1, result=result, **self.view())
         except Exception as e:
@@ -493,6 +547,7 @@ def main():
         os._exit(3)
     out.send(ev="ready", resync=report, pid=os.getpid(), late_faults=LATE_FAULTS,
              **worker.ready(), **worker.view())
+    worker.watch_resync()
     worker.serve()
 
 
