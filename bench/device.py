@@ -27,7 +27,6 @@ guest's (from /proc/stat: the kernel's work for md and loop counts too)
 per request. In an emulated VM only ratios within one run mean anything.
 """
 import argparse
-import datetime
 import json
 import os
 import platform
