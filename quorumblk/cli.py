@@ -10,7 +10,6 @@ error into `quorumblk: <message>` on stderr and the error's exit status
 (a traceback only with --debug; with --json also a JSON object on stdout).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,9 +23,7 @@ TABLE_COUNTERS = ("reads", "writes", "bad_blocks", "repairs", "errors", "timeout
                   "late", "owed")
 
 
-def _json(obj, **kw):
-    """JSON output: every object carries "format" (README "JSON output")."""
-    return json.dumps(events.with_format(obj), **kw)
+_json = events.dumps
 
 
 def _positive_int(text):

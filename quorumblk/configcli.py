@@ -1,11 +1,10 @@
 """The commands for devices that come back (quorumblk.config): examine,
 assemble, config list|show|remove|install-unit, and add --save."""
-import json
 import os
 import shutil
 import sys
 
-from . import config, daemon, runtime
+from . import config, daemon, events, runtime
 from .errors import CommandError, UsageError
 
 
@@ -96,17 +95,17 @@ def register(sub, ready, warn):
 
 
 def _print(args, obj, text):
-    print(json.dumps(obj, indent=1, sort_keys=True) if args.json else text)
+    print(events.dumps(obj, indent=1, sort_keys=True) if args.json else text)
 
 
 def cmd_examine(args):
     info = config.examine(args.replica)
     if info is None:
         if args.json:
-            print(json.dumps({"path": args.replica, "metadata": False}))
+            print(events.dumps({"path": args.replica, "metadata": False}))
         raise CommandError(f"{args.replica}: no quorumblk metadata")
     if args.json:
-        print(json.dumps(dict(info, metadata=True), indent=1, sort_keys=True))
+        print(events.dumps(dict(info, metadata=True), indent=1, sort_keys=True))
         return 0
     print(f"{info['path']}: quorumblk replica, slot {info['slot']}")
     for k in ("set_uuid", "replica_uuid", "threshold", "events", "data_size",
@@ -161,7 +160,7 @@ def _assemble_one(args, entry, ready, warn):
                      foreground=args.foreground, warn=warn, ready=ready(args))
     if args.foreground:
         return res
-    print(json.dumps(dict(res, name=entry["name"]), sort_keys=True) if args.json
+    print(events.dumps(dict(res, name=entry["name"]), sort_keys=True) if args.json
           else res["path"])
     return 0
 

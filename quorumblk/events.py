@@ -227,6 +227,12 @@ def health(status):
     return "clean"
 
 
+def dumps(obj, **kw):
+    """The command's JSON output: every object carries "format" (README
+    "JSON output")."""
+    return json.dumps(with_format(obj), **kw)
+
+
 def with_format(obj):
     """obj with "format": FORMAT (in each object of a list)."""
     if isinstance(obj, dict):

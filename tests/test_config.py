@@ -128,6 +128,7 @@ def test_examine_reads_the_metadata_and_writes_nothing(tmp_path, reps):
     r = qb("examine", "--json", reps[1])
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
+    assert info["format"] == 1
     assert info["set_uuid"] == plan.set_uuid
     assert info["replica_uuid"] == meta.uuid_text(plan.metas[1].replica_uuid)
     assert info["slot"] == 1 and info["threshold"] == 2 and info["clean"] is True
@@ -176,6 +177,7 @@ def test_add_save_then_assemble_by_the_entry_alone(conf, names, reps, nodes, run
     a = qb("assemble", "--json", "vol0", fake=True)
     assert a.returncode == 0, a.stderr
     got = json.loads(a.stdout)
+    assert got["format"] == 1
     assert got["name"] == "vol0" and os.path.realpath(link) == got["path"]
     st = json.loads(qb("status", "--json", got["id"], fake=True).stdout)
     assert [r["path"] for r in st["replicas"]] == [str(p) for p in reps]
