@@ -14,7 +14,7 @@ from .errors import NoSuchDeviceError, RefusedError
 DEVICE_MAX_IO = 512 * 1024
 ENGINE_KEYS = ("read_policy", "hash", "vote_block", "repair", "buffered",
                "timeout")
-DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id", "name")
+DEVICE_KEYS = ("queues", "depth", "block_size", "dev_id", "name", "config_dir")
 
 
 def check_set(replicas, threshold, engine, reuse=None):

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from . import __version__, assembly, client, configcli, daemon, errors, events, monitor, runtime
+from . import __version__, assembly, client, config, configcli, daemon, errors, events, monitor, runtime
 from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
                      UsageError, exit_status_text)
 
@@ -276,6 +276,7 @@ def cmd_add(args):
     configcli.save_check(args)
     if args.save is not None:
         devopts["name"] = args.save
+        devopts["config_dir"] = config.config_dir(args.config_dir)
         ready = _saving(args, engine, devopts, ready)
     res = daemon.add(args.replicas, args.threshold, engine, devopts,
                      foreground=args.foreground, warn=warn, ready=ready)

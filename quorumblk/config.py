@@ -224,9 +224,11 @@ def check_new(name, directory=None):
     return path
 
 
-def write(entry, directory=None):
-    """Write the entry atomically (mode 0644), refusing to replace one."""
-    path = check_new(entry["name"], directory)
+def write(entry, directory=None, replace=False):
+    """Write the entry atomically (mode 0644), refusing to replace one
+    unless told to (a running device's entry following its members)."""
+    path = entry_path(entry["name"], directory) if replace else \
+        check_new(entry["name"], directory)
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
     try:
@@ -235,9 +237,14 @@ def write(entry, directory=None):
             f.flush()
             os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
-        os.link(tmp, path)          # never replaces an entry made meanwhile
+        if replace:
+            os.replace(tmp, path)
+            tmp = None
+        else:
+            os.link(tmp, path)      # never replaces an entry made meanwhile
     finally:
-        os.unlink(tmp)
+        if tmp:
+            os.unlink(tmp)
     dfd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -263,6 +270,25 @@ def entry_for(name, replicas, threshold, engine, devopts, allow_degraded=False):
     e.update({"queues": devopts["queues"], "depth": devopts["depth"],
               "block_size": devopts["block_size"], "id": devopts["dev_id"]})
     return e
+
+
+def follow(name, directory, set_uuid, members):
+    """A running device's members changed (replace, add-replica,
+    remove-replica): its entry names them from now on, so that the next
+    assemble finds a replacement kept outside the old folders and does not
+    wait for a removed member. members: [(path, replica UUID)] in slot
+    order. True if the entry was rewritten; an entry of another set is left
+    alone (False)."""
+    entry = read(name, directory)
+    if entry["set_uuid"] != set_uuid:
+        return False
+    paths = [p for p, _ in members]
+    uuids = [u for _, u in members]
+    if entry["replicas"] == paths and entry["members"] == uuids:
+        return False
+    entry["replicas"], entry["members"] = paths, uuids
+    write(entry, directory, replace=True)
+    return True
 
 
 def remove(name, directory=None):
@@ -426,11 +452,11 @@ def plan_assemble(entry, degraded=False, warn=None):
     return [p for p, _ in members], missing
 
 
-def options(entry):
+def options(entry, directory=None):
     engine = {k: entry[k] for k in ENGINE}
     devopts = {"queues": entry["queues"], "depth": entry["depth"],
                "block_size": entry["block_size"], "dev_id": entry["id"],
-               "name": entry["name"]}
+               "name": entry["name"], "config_dir": config_dir(directory)}
     return engine, devopts
 
 

@@ -155,7 +155,7 @@ def _assemble_one(args, entry, ready, warn):
     if missing:
         warn(f"{entry['name']}: starting degraded: {config.describe_missing(missing)} "
              "missing")
-    engine, devopts = config.options(entry)
+    engine, devopts = config.options(entry, args.config_dir)
     res = daemon.add(paths, entry["threshold"], engine, devopts,
                      foreground=args.foreground, warn=warn, ready=ready(args))
     if args.foreground:

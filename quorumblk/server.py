@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-from . import config, events, lifecycle, runtime
+from . import config, events, lifecycle, meta, runtime
 from .errors import CommandError, QuorumError, RefusedError, UsageError
 
 EVENT_DRAIN_S = 0.2
@@ -108,6 +108,27 @@ class Daemon:
             runtime.write_state(self.state())
         except OSError as e:
             log(f"writing the state file: {e}")
+        self._follow_entry()
+
+    def _follow_entry(self):
+        """A configured device's entry names its members as they are now
+        (from the headers the engine holds: no replica I/O). Never raises."""
+        name = self.devopts.get("name")
+        if not name:
+            return
+        try:
+            members, set_uuid = [], None
+            for r, st in enumerate(self.q.replica_states()):
+                if st == "removed":
+                    continue
+                m = self.q.header(r)
+                set_uuid = meta.uuid_text(m.set_uuid)
+                members.append((self.q.paths[r], meta.uuid_text(m.replica_uuid)))
+            if config.follow(name, self.devopts.get("config_dir"), set_uuid, members):
+                log(f"configuration entry {name}: members now "
+                    + ", ".join(p for p, _ in members))
+        except (CommandError, QuorumError, OSError) as e:
+            log(f"configuration entry {name} not updated: {e}")
 
     # -- serving --
     def _on_signal(self, signum, _frame):

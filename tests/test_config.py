@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -286,6 +287,48 @@ def test_an_entry_that_allows_it_starts_degraded_without_the_option(saved, conf,
     r = qb("assemble", "--json", "vol0", fake=True)
     assert r.returncode == 0, r.stderr
     _del(json.loads(r.stdout)["id"])
+
+
+def _entry_when(conf, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        e = config.read("vol0", str(conf))
+        if check(e) or time.monotonic() > deadline:
+            return e
+        time.sleep(0.1)
+
+
+def test_the_entry_follows_replace_and_remove_replica(conf, reps, nodes, tmp_path):
+    """A replacement kept outside every folder assemble looks in is found
+    at the next assemble, and a removed member is not waited for: the
+    running device rewrote its entry."""
+    r = qb("add", "--json", "--save", "vol0", "-t", "2", *reps, fake=True)
+    assert r.returncode == 0, r.stderr
+    dev = json.loads(r.stdout)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    new = elsewhere / "new.img"
+    with open(new, "wb") as f:
+        f.truncate(os.path.getsize(reps[2]))
+    p = qb("replace", dev["id"], reps[2], new, fake=True)
+    assert p.returncode == 0, p.stderr
+    e = _entry_when(conf, lambda e: str(new) in e["replicas"])
+    assert e["replicas"] == [str(reps[0]), str(reps[1]), str(new)]
+    new_uuid = config.examine(str(new))["replica_uuid"]
+    assert e["members"][2] == new_uuid
+    p = qb("remove-replica", dev["id"], reps[1], fake=True)
+    assert p.returncode == 0, p.stderr
+    e = _entry_when(conf, lambda e: len(e["replicas"]) == 2)
+    assert e["replicas"] == [str(reps[0]), str(new)]
+    assert e["set_uuid"] == set_uuid(reps[0])
+    _del(dev["id"])
+    a = qb("assemble", "--json", "vol0", fake=True)
+    assert a.returncode == 0, a.stderr
+    got = json.loads(a.stdout)
+    st = json.loads(qb("status", "--json", got["id"], fake=True).stdout)
+    assert [(x["path"], x["state"]) for x in st["replicas"]] == [
+        (str(reps[0]), "in-service"), (str(new), "in-service")]
+    _del(got["id"])
 
 
 def test_assemble_finds_a_member_that_moved_through_devices_globs(saved, conf, tmp_path):
