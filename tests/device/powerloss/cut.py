@@ -31,8 +31,8 @@ It writes tests/device/logs/powerloss-cut.json before the reset: "ok", the
 evidence ("premise"), or the error that stopped it. The check (boot 2,
 test_powerloss.py) asserts on it first, so a failure here shows in
 powerloss.xml, named. Boot 2 uses the disks directly (quorumblk knows its
-replicas by their metadata). Run by in-vm.sh inside the VM; it must never
-run on a real machine.
+replicas by their metadata). Run by tests/device/two-boots.sh inside the
+VM; it must never run on a real machine.
 """
 import json
 import mmap
@@ -42,7 +42,7 @@ import sys
 import time
 import traceback
 
-from plcommon import THRESHOLD, dirty_regions, qb, replica_paths, save_report
+from plcommon import THRESHOLD, dirty_regions, qb, replica_paths, run, save_report
 
 MNT = "/tmp/qb-powerloss"        # the guest's tmpfs: only the mount point
 HOLD = "qb-powerloss-hold"       # dm-linear over the third disk: suspended
@@ -69,14 +69,6 @@ FIO = ["fio", f"--directory={MNT}", "--time_based", "--runtime=600",
 
 class PremiseError(Exception):
     """The cut cannot make the third replica lose writes: no reset."""
-
-
-def run(cmd, timeout=120):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: "
-                           f"{p.stderr.strip()[-2000:]}")
-    return p.stdout
 
 
 def linear(name, under):

@@ -7,7 +7,7 @@ bitmap holds dirty (far less than the device) and repair every block the
 third replica lacked, e2fsck must find the file system clean, and the
 replicas' data areas must be byte-identical.
 
-Runs only in the second boot of scripts/test-device (in-vm.sh check).
+Runs only in the second boot of scripts/test-device (two-boots.sh TEST check).
 Elsewhere it is skipped with the reason (conftest.py; QB_POWERLOSS_SKIP
 where the host's own kernel has ublk and a reset would take the host down).
 """

@@ -3,7 +3,7 @@ replica disks (the entry goes to the etc disk), ext4 on /dev/quorumblk/NAME
 with files of random data and their checksums, then a clean stop (`del`):
 every replica's metadata must say clean. Writes the report (tbcommon.REPORT)
 that boot 2 (test_twoboot.py) asserts on first: "ok", or the error.
-Run by in-vm.sh inside the VM.
+Run by tests/device/two-boots.sh inside the VM.
 """
 import json
 import os

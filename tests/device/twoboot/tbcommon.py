@@ -8,15 +8,14 @@ order, so that the replicas come back under other /dev/vdX names: assemble
 must find them by their metadata. The boots' disks live in host files, so
 they survive; boot 1's report goes to tests/device/logs/twoboot-save.json.
 """
-import json
 import os
-import subprocess
+import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-LOGS = os.path.join(ROOT, "tests", "device", "logs")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bootlib  # noqa: E402  (tests/device: what both two-boot tests share)
+from bootlib import LOGS, qb, run  # noqa: E402,F401
+
 REPORT = os.path.join(LOGS, "twoboot-save.json")
-QB = os.path.join(ROOT, ".venv", "bin", "quorumblk")
 DISKS = ["twoboot-r0", "twoboot-r1", "twoboot-r2"]      # serials
 ETC_DISK = "twoboot-etc"
 ETC = "/tmp/qb-twoboot-etc"         # where the etc disk is mounted
@@ -27,31 +26,7 @@ THRESHOLD = 2
 
 
 def by_serial():
-    out = {}
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/serial") as f:
-                out[f.read().strip()] = "/dev/" + name
-        except OSError:
-            continue
-    missing = [d for d in DISKS + [ETC_DISK] if d not in out]
-    if missing:
-        raise AssertionError(f"no disk with serial {', '.join(missing)} (scripts/"
-                             f"test-device attaches them); disks seen: {out}")
-    return out
-
-
-def qb(*args, timeout=300):
-    return subprocess.run([QB] + [str(a) for a in args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def run(cmd, timeout=300):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n"
-                             f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p.stdout
+    return bootlib.disks_by_serial(DISKS + [ETC_DISK])
 
 
 def sha256_files(directory):
@@ -64,17 +39,4 @@ def sha256_files(directory):
 
 
 def save_report(report):
-    """Write boot 1's report so that it survives the VM (fsync, then the
-    folder: the 9p share writes through to the host)."""
-    tmp = REPORT + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, REPORT)
-    fd = os.open(LOGS, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    bootlib.save_report(REPORT, report)

@@ -7,7 +7,7 @@ as /dev/quorumblk/NAME with the data intact; then with one member missing
 assemble must refuse (exit 10, naming it) unless --degraded, and start
 degraded with it, with a member-missing event.
 
-Runs only in the second boot of scripts/test-device (in-vm.sh check).
+Runs only in the second boot of scripts/test-device (two-boots.sh TEST check).
 Elsewhere it is skipped with the reason (tests/device/conftest.py;
 QB_TWOBOOT_SKIP where the host's own kernel has ublk).
 """
