@@ -145,20 +145,26 @@ def recoverable(dev_id):
 
 
 def recovers(replicas, dev_id):
-    """Whether `add --id dev_id REPLICA...` means: recover device dev_id (its
-    daemon died, the kernel holds it quiesced, and it has these replicas in
-    this order). How the systemd unit comes back after a crash."""
-    if dev_id is None or dev_id < 0:
-        return False
-    st = runtime.read_state(dev_id)
-    if st is None or runtime.is_live(st) or not runtime.kernel_has(dev_id):
-        return False
-    theirs = st.get("replicas", [])
+    """The device that `add [--id dev_id] REPLICA...` means to recover, or
+    None: one whose daemon died while the kernel holds it quiesced, with
+    these replicas in this order (device dev_id when given, else any).
+    How the systemd unit's `assemble --foreground NAME` (an add) comes back
+    after a crash, and what re-running the add after one means."""
+    if dev_id is not None and dev_id >= 0:
+        st = runtime.read_state(dev_id)
+        if st is None or runtime.is_live(st) or not runtime.kernel_has(dev_id):
+            return None
+        candidates = [st]
+    else:
+        candidates = runtime.scan()[1]
     try:
         mine = [runtime.replica_identity(p) for p in replicas]
     except OSError:
-        return False
-    if len(mine) != len(theirs) or not all(
-            runtime.same_replica(a, b) for a, b in zip(mine, theirs)):
-        return False
-    return client.orphan_state(st)["state"] == "quiesced"
+        return None
+    for st in candidates:
+        theirs = st.get("replicas", [])
+        if len(mine) == len(theirs) and all(
+                runtime.same_replica(a, b) for a, b in zip(mine, theirs)) and \
+                client.orphan_state(st)["state"] == "quiesced":
+            return st["id"]
+    return None

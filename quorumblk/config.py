@@ -553,6 +553,11 @@ def unit_text(entry, exe, directory=None):
         "KillSignal=SIGTERM",
         "TimeoutStartSec=300",
         "TimeoutStopSec=120",
+        # a crash (a signal, the OOM killer) leaves the device quiesced, and
+        # the same assemble takes it over; a refusal (an exit status) is
+        # for the operator, not for a loop
+        "Restart=on-abnormal",
+        "RestartSec=2",
         "",
         "[Install]",
         "WantedBy=local-fs.target",

@@ -88,11 +88,12 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
     lock = runtime.AddLock().acquire()
     q = None
     try:
-        if assembly.recovers(replicas, devopts.get("dev_id")):
+        dead = assembly.recovers(replicas, devopts.get("dev_id"))
+        if dead is not None:
             if warn:
-                warn(f"device {devopts['dev_id']} waits for its daemon, which died: "
+                warn(f"device {dead} waits for its daemon, which died: "
                      "recovering it instead")
-            return recover(devopts["dev_id"], foreground=foreground, warn=warn,
+            return recover(dead, foreground=foreground, warn=warn,
                            threshold=threshold, engine=engine, lock=lock, ready=ready)
         plan, warns = assembly.check_set(replicas, threshold, engine)
         for w in warns:

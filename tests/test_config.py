@@ -5,6 +5,7 @@ the systemd unit."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -219,6 +220,28 @@ def saved(conf, reps, nodes):
     return reps
 
 
+def test_assemble_takes_over_a_device_whose_daemon_died(conf, names, reps, nodes):
+    """What the unit's restart does after a crash: assemble serves the
+    quiesced device again (the same device, a new daemon), it does not
+    refuse its replicas as in use."""
+    r = qb("add", "--json", "--save", "vol0", "-t", "2", *reps, fake=True)
+    assert r.returncode == 0, r.stderr
+    dev = json.loads(r.stdout)
+    os.kill(dev["pid"], signal.SIGKILL)
+    assert wait_dead(dev["pid"])
+    a = qb("assemble", "--json", "vol0", fake=True)
+    assert a.returncode == 0, a.stderr
+    assert f"device {dev['id']} waits for its daemon, which died: recovering it " \
+        "instead" in a.stderr
+    got = json.loads(a.stdout)
+    assert got["id"] == dev["id"] and got["path"] == dev["path"]
+    assert got["pid"] != dev["pid"] and alive(got["pid"])
+    assert os.path.realpath(names / "vol0") == dev["path"]
+    st = json.loads(qb("status", "--json", dev["id"], fake=True).stdout)
+    assert st["state"] == "live" and st["options"]["name"] == "vol0"
+    _del(dev["id"])
+
+
 def test_assemble_refuses_a_member_of_another_set_naming_it(saved, tmp_path):
     (tmp_path / "other").mkdir()
     other = make_images(tmp_path / "other", 3, size=1 << 20, seed=7)
@@ -367,7 +390,7 @@ def test_install_unit_writes_and_enables_the_unit(saved, conf, tmp_path):
                  f"RequiresMountsFor={os.path.dirname(saved[0])}",
                  "Conflicts=umount.target shutdown.target",
                  "Before=local-fs.target umount.target shutdown.target",
-                 "WantedBy=local-fs.target"):
+                 "Restart=on-abnormal", "WantedBy=local-fs.target"):
         assert line + "\n" in text, text
     wants = units / "local-fs.target.wants" / "quorumblk@vol0.service"
     assert os.readlink(wants) == "../quorumblk@vol0.service"
