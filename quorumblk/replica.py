@@ -48,6 +48,11 @@ def identity(path):
     return str(path) if is_nbd(path) else os.path.realpath(path)
 
 
+def absolute(path):
+    """A path made absolute (the daemon works from /); a URI as it is."""
+    return str(path) if is_nbd(path) else os.path.abspath(path)
+
+
 def exists(path):
     """A file that is there; an NBD URI is taken as there (its server is
     asked when the replica is opened)."""
