@@ -6,6 +6,7 @@ a server was killed and restarted, a server frozen past the timeout that
 answers late, destroying contexts with a frozen server, and every refusal
 at open. Servers here are on Unix sockets and 127.0.0.1; servers in network
 namespaces with traffic dropped are tests/test_nbd_net.py's."""
+import gc
 import os
 import shutil
 import signal
@@ -386,20 +387,37 @@ def test_frozen_server_times_out_answers_late_then_readd(three):
 
 
 def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
+    """A thread's context ends with a command out on a frozen server: its
+    connection is closed without waiting, and what it had out is no longer
+    owed; closing the quorum does not wait either."""
     q = Quorum([s.uri for s in three], 2, timeout=1)
     try:
-        q.write(0, pattern(17, BS))         # this thread's context connects
+        connected, frozen, owed = threading.Event(), threading.Event(), []
+
+        def frozen_write():
+            q.write(0, pattern(17, BS))     # its context connects
+            connected.set()
+            frozen.wait(WAIT_S)
+            q.write(0, pattern(18, BS))     # replica 0's is abandoned
+            owed.append(q.status()["replicas"][0]["owed"])
+        t = threading.Thread(target=frozen_write)
+        t.start()
+        assert connected.wait(WAIT_S)
         three[0].signal(signal.SIGSTOP)
-        q.write(0, pattern(18, BS))         # abandoned on replica 0
-        assert q.status()["replicas"][0]["owed"] > 0
+        frozen.set()
+        t.join(WAIT_S)
+        assert not t.is_alive() and owed == [1]
+        gc.collect()                    # its context is destroyed
+        wait_for(lambda: q.status()["replicas"][0]["owed"] == 0,
+                 "the ended context's command still owed")
+        assert q.status()["replicas"][0]["late"] == 0   # forgotten, not late
         done = threading.Event()
 
         def close():
             q.close()
             done.set()
-        t = threading.Thread(target=close)
         t0 = time.monotonic()
-        t.start()
+        threading.Thread(target=close).start()
         assert done.wait(WAIT_S), "close hung on the frozen server"
         assert time.monotonic() - t0 < 2.0
     finally:
