@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import flip, pattern
-from quorumblk import errors, lifecycle, meta
+from quorumblk import errors, lifecycle, meta, replica
 from quorumblk.core import Quorum
 
 BS = 4096
@@ -310,6 +310,45 @@ def test_metadata_on_exports(three):
         q.close()
     # what the engine wrote is what meta.read finds on each server
     assert meta.assemble(uris, 2, write=False).stale == []
+
+
+def test_scrub_repairs_a_flip_no_read_touched(three):
+    uris = [s.uri for s in three]
+    q = with_meta(uris)
+    try:
+        q.write(0, pattern(19, 64 * BS))
+        q.flush()
+        flip(three[0].file, 40 * BS + 1)
+        job = lifecycle.Lifecycle(q).scrub()
+        wait_for(lambda: job.state != "running", "scrub")
+        res = job.to_dict()["result"]
+        assert res["bad_blocks"] == {uris[0]: 1} and res["repaired"] == 1
+    finally:
+        q.close()
+    assert three[0].data(0, 64 * BS) == pattern(19, 64 * BS)
+
+
+def test_export_with_data_in_its_tail_is_refused(three):
+    """An export cannot grow: the metadata goes in its tail, which must be
+    zeros (read from the server)."""
+    with open(three[2].file, "r+b") as f:
+        f.seek(SIZE - 3 * BS)
+        f.write(b"data")
+    with pytest.raises(meta.SetError) as e:
+        meta.assemble([s.uri for s in three], 2, write=False)
+    assert str(e.value).startswith(f"{three[2].uri}: its last ")
+    assert "hold data, and quorumblk keeps its metadata there" in str(e.value)
+
+
+def test_replica_kinds_and_servers():
+    assert replica.server("nbd://srv/disk") == "srv:10809"
+    assert replica.server("nbd://10.0.0.2:10810/disk") == "10.0.0.2:10810"
+    assert replica.server("nbd://[::1]:7000/x") == "[::1]:7000"
+    assert replica.server("nbd+unix:///disk?socket=/run/s.sock") == "/run/s.sock"
+    assert replica.server("/var/img") is None
+    assert replica.kind("nbd+unix:///?socket=/x") == "nbd"
+    assert replica.absolute("nbd://srv/disk") == "nbd://srv/disk"
+    assert replica.identity("nbd://srv/disk") == "nbd://srv/disk"
 
 
 def test_export_too_small_for_a_new_member_is_refused(three, server):
