@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import flip, pattern
-from quorumblk import errors, lifecycle, meta, replica
+from quorumblk import assembly, errors, lifecycle, meta, replica
 from quorumblk.core import Quorum
 
 BS = 4096
@@ -208,6 +208,20 @@ def test_tcp_export_and_qemu_nbd(server):
         st = q.status()["replicas"]
     assert st[0]["server"] == f"127.0.0.1:{a.port}"
     assert a.data(0, 8 * BS) == c.data(0, 8 * BS) == pattern(2, 8 * BS)
+
+
+def test_writes_larger_than_the_socket_takes(three):
+    """A 1 MiB write does not fit a socket's buffer: libnbd sends the rest
+    when the ring says the socket is writable again (POLLOUT)."""
+    big = pattern(20, 1 << 20)
+    with Quorum([s.uri for s in three], 2, timeout=5) as q:
+        q.write(0, big)
+        assert q.read(0, len(big)) == big
+        res = q.bench(op="write", bs=1 << 20, depth=8, count=64)
+        assert res["errors"] == 0
+        assert q.replica_states() == ["in-service"] * 3
+    assert three[0].data(0, 8 << 20) == three[1].data(0, 8 << 20) == \
+        three[2].data(0, 8 << 20)
 
 
 def test_mixed_set_two_files_one_export(tmp_path, server):
@@ -439,6 +453,37 @@ def test_frozen_server_times_out_answers_late_then_readd(three):
         three[2].signal(signal.SIGCONT)
         q.close()
     assert three[2].data(0, size) == three[0].data(0, size)
+
+
+def test_frozen_server_metadata_write_times_out_and_answers_late(three):
+    """The metadata writer's own connection: a bitmap write to a frozen
+    server is abandoned at the timeout (the replica fails, the write goes on
+    with the others), and its late answer is counted."""
+    uris = [s.uri for s in three]
+    q = with_meta(uris, timeout=1)
+    try:
+        three[1].freeze()
+        t0 = time.monotonic()
+        q.write(8 << 20, pattern(21, BS))   # a new region: its bit first
+        assert time.monotonic() - t0 < 1 + 3.0
+        r1 = q.status()["replicas"][1]
+        assert (r1["state"], r1["owed"], r1["timeouts"]) == ("failed", 1, 1)
+        assert r1["writes"] == 0            # its data write was never sent
+        three[1].signal(signal.SIGCONT)
+        wait_for(lambda: q.status()["replicas"][1]["owed"] == 0, "late answer")
+        assert q.status()["replicas"][1]["late"] == 1
+    finally:
+        three[1].signal(signal.SIGCONT)
+        q.close()
+
+
+def test_add_checks_a_set_of_exports(three):
+    """What `quorumblk add` checks before anything is written, with URIs:
+    nothing stats them, and a new set is planned over them."""
+    uris = [s.uri for s in three]
+    plan, msgs = assembly.check_set(uris, 2, {"timeout": 5})
+    assert plan.created and msgs == []
+    assert [meta.read(u)[0] for u in uris] == [None] * 3    # nothing written
 
 
 def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
