@@ -317,7 +317,11 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 {
 	struct ticket *t;
 	nbd_completion_callback cb = { .callback = done_cb };
-	uint32_t flags = 0;
+	/* without multi-conn a flush on one connection does not cover
+	 * another's writes: every write is made durable by itself */
+	uint32_t durable = (caps & QB_NBD_FUA) &&
+			   (fua || !(caps & QB_NBD_MULTI_CONN)) ?
+			   LIBNBD_CMD_FLAG_FUA : 0;
 	int64_t cookie;
 	int err = 0;
 
@@ -340,12 +344,7 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 		cookie = nbd_aio_pread(n->h, buf, len, off, cb, 0);
 		break;
 	case QB_OP_WRITE:
-		/* without multi-conn a flush on one connection does not cover
-		 * another's writes: every write is made durable by itself */
-		if ((caps & QB_NBD_FUA) &&
-		    (fua || !(caps & QB_NBD_MULTI_CONN)))
-			flags = LIBNBD_CMD_FLAG_FUA;
-		cookie = nbd_aio_pwrite(n->h, buf, len, off, cb, flags);
+		cookie = nbd_aio_pwrite(n->h, buf, len, off, cb, durable);
 		break;
 	case QB_OP_FLUSH:
 		cookie = nbd_aio_flush(n->h, cb, 0);
@@ -356,7 +355,7 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 			cookie = -1;
 			break;
 		}
-		cookie = nbd_aio_zero(n->h, len, off, cb, 0);
+		cookie = nbd_aio_zero(n->h, len, off, cb, durable);
 		break;
 	}
 	if (cookie < 0) {	/* not sent: the callback will not run */

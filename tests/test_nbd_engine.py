@@ -118,8 +118,7 @@ class Server:
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
+            self.proc.kill()        # also a stopped one, which serves nothing
             self.proc.wait(WAIT_S)
 
     def logged(self, what):
@@ -277,8 +276,11 @@ def test_without_multi_conn_every_write_is_fua(server):
     with Quorum([x.uri for x in s], 2, timeout=5) as q:
         assert not q.status()["replicas"][0]["offers"]["multi_conn"]
         q.write(0, pattern(6, BS))
+        q.write_zeroes(BS, BS)
     writes = s[0].logged("Write")
     assert writes and all("fua=1" in ln for ln in writes)
+    zeroes = s[0].logged("Zero")
+    assert zeroes and all("fua=1" in ln for ln in zeroes)
 
 
 def test_write_zeroes_and_discard_where_offered(three):
@@ -484,6 +486,25 @@ def test_add_checks_a_set_of_exports(three):
     plan, msgs = assembly.check_set(uris, 2, {"timeout": 5})
     assert plan.created and msgs == []
     assert [meta.read(u)[0] for u in uris] == [None] * 3    # nothing written
+
+
+def test_frozen_then_killed_server_owes_nothing(three):
+    """A command abandoned on a frozen server, then the server dies: libnbd
+    fails what the dead connection had out, and the replica owes nothing
+    (it can rejoin once the server is back)."""
+    q = Quorum([s.uri for s in three], 2, timeout=1)
+    try:
+        q.write(0, pattern(22, BS))
+        three[2].freeze()
+        q.write(0, pattern(23, BS))
+        assert q.status()["replicas"][2]["owed"] == 1
+        three[2].kill()
+        wait_for(lambda: q.status()["replicas"][2]["owed"] == 0,
+                 "a dead connection's command still owed")
+        late = [e for e in q.events() if e["type"] == "late-completion"]
+        assert len(late) == 1 and late[0]["errno"] is not None  # failed
+    finally:
+        q.close()
 
 
 def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
