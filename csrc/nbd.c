@@ -61,8 +61,7 @@ bool qb_nbd_is_uri(const char *path)
 
 static bool supported_uri(const char *uri)
 {
-	return !strncmp(uri, "nbd://", 6) || !strncmp(uri, "nbd+tcp://", 10) ||
-	       !strncmp(uri, "nbd+unix://", 11);
+	return !strncmp(uri, "nbd://", 6) || !strncmp(uri, "nbd+unix://", 11);
 }
 
 static int nbd_fail(const char *uri, const char *what)
@@ -284,7 +283,7 @@ static void arm(struct qb_nbd *n)
 		return;
 	if (nbd_aio_get_direction(n->h) & LIBNBD_AIO_DIRECTION_WRITE)
 		want |= POLLOUT;
-	if (n->armed == want || (n->armed & want) == want)
+	if ((n->armed & want) == want)
 		return;
 	if (n->armed && (sqe = n->ops->sqe(n->arg))) {
 		/* the old poll goes; its CQE and this one's are stale */
