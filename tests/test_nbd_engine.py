@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -36,9 +37,10 @@ class Server:
     qemu-nbd), on a Unix socket or on 127.0.0.1."""
 
     def __init__(self, tmp, name, size=SIZE, *, filters=(), readonly=False,
-                 tcp=False, program="nbdkit", export=None):
+                 tcp=False, program="nbdkit", export=None, sockdir=None):
         self.file = str(tmp / f"{name}.img")
-        self.sock = str(tmp / f"{name}.sock")
+        # a socket's path has 108 bytes at most: not under a deep tmp_path
+        self.sock = os.path.join(sockdir or str(tmp), f"{name}.sock")
         self.log = str(tmp / f"{name}.log")
         self.filters = list(filters)
         self.readonly = readonly
@@ -144,13 +146,21 @@ def free_port():
 
 
 @pytest.fixture
-def server(tmp_path, request):
+def sockdir(request):
+    """A short directory for Unix sockets, removed at teardown."""
+    d = tempfile.mkdtemp(prefix="qbnbd-")
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
+@pytest.fixture
+def server(tmp_path, sockdir, request):
     """A factory of started servers, all killed at teardown."""
     made = []
     request.addfinalizer(lambda: [s.kill() for s in made])
 
     def make(name, **kw):
-        s = Server(tmp_path, name, **kw)
+        s = Server(tmp_path, name, sockdir=sockdir, **kw)
         made.append(s)
         return s.start()
     return make
@@ -553,9 +563,9 @@ def refused(uris, **kw):
     return str(e.value)
 
 
-def test_refused_server_that_does_not_answer(tmp_path, three):
+def test_refused_server_that_does_not_answer(sockdir, three):
     mute = socket.socket(socket.AF_UNIX)    # accepts, never speaks
-    path = str(tmp_path / "mute.sock")
+    path = os.path.join(sockdir, "mute.sock")
     mute.bind(path)
     mute.listen(8)
     uri = f"nbd+unix:///?socket={path}"
@@ -568,8 +578,8 @@ def test_refused_server_that_does_not_answer(tmp_path, three):
     assert msg.startswith(f"replica {uri}: the server did not answer within 1000 ms")
 
 
-def test_refused_no_server(tmp_path, three):
-    uri = f"nbd+unix:///?socket={tmp_path}/none.sock"
+def test_refused_no_server(sockdir, three):
+    uri = f"nbd+unix:///?socket={sockdir}/none.sock"
     msg = refused([three[0].uri, three[1].uri, uri], timeout=5)
     assert msg.startswith(f"replica {uri}: cannot connect: ")
     assert "ENOENT" in msg or "No such file" in msg
