@@ -7,7 +7,7 @@ whose daemon died can be taken over (recover)."""
 import os
 import warnings
 
-from . import client, errors, meta, runtime
+from . import client, errors, meta, mounts, runtime
 from .core import Quorum
 from .errors import NoSuchDeviceError, RefusedError
 
@@ -33,6 +33,7 @@ def check_set(replicas, threshold, engine, reuse=None):
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
         plan = meta.assemble([str(p) for p in replicas], threshold, write=False)
     msgs = [str(w.message) for w in caught]
+    msgs += mounts.warnings(replicas, buffered=engine.get("buffered", False))
     if plan.missing:
         msgs.append(f"{len(plan.missing)} member(s) of the set not given: the "
                     "device runs degraded until they are back (quorumblk readd)")
