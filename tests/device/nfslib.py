@@ -17,6 +17,7 @@ them, prints what it sees and tears everything down: for trying the
 harness in a VM by hand.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -168,8 +169,8 @@ class Server:
         """Every packet in or out of the server dropped: to the client it is
         unreachable (no reset, no error: its TCP segments go unanswered)."""
         rules = ("table inet qbcut {\n"
-                 " chain in { type filter hook input priority 0; policy drop; }\n"
-                 " chain out { type filter hook output priority 0; policy drop; }\n"
+                 " chain in { type filter hook input priority 0; counter drop; }\n"
+                 " chain out { type filter hook output priority 0; counter drop; }\n"
                  "}\n")
         path = os.path.join(self.dir, "cut.nft")
         with open(path, "w") as f:
@@ -183,9 +184,9 @@ class Server:
             self.cut_off = False
 
     def dropped(self):
-        """Packets the cut dropped so far (its premise)."""
-        out = self.run(["nft", "list", "table", "inet", "qbcut"], check=False).stdout
-        return out
+        """Packets the cut has dropped so far (its premise)."""
+        out = self.run(["nft", "list", "table", "inet", "qbcut"]).stdout
+        return sum(int(n) for n in re.findall(r"packets (\d+)", out))
 
     def delay(self, ms):
         """Every packet from the server held ms milliseconds (tc netem)."""
@@ -234,8 +235,8 @@ class Nfs:
 
     def stop(self):
         for s in self.servers:
-            s.undelay() if s.holder else None
-            if s.holder:
+            if s.holder:            # a server left cut off or slow comes back
+                s.undelay()
                 s.heal()
         for i in range(len(self.servers)):
             self.umount(i)
