@@ -1,6 +1,6 @@
 """The mount a replica's file lives on, read from /proc/self/mountinfo, and
-the warnings its options deserve: what makes a remote file system keep a
-replica's writes, or hide its rot, less well than quorumblk assumes."""
+the warnings it deserves: what makes a network file system hide a
+replica's rot from the vote."""
 import os
 import re
 
@@ -64,21 +64,18 @@ def mount_of(path, mounts):
 
 
 def unsafe(path, m, buffered=False):
-    """What is unsafe about mount m for the replica at path: warning texts."""
-    if m is None or m.fstype not in NETWORK_FS:
+    """What is unsafe about mount m for the replica at path: warning texts.
+    A replica opened buffered on NFS: the client's page cache answers its
+    reads, so rot in the server's copy goes unseen by the vote. (Soft mounts
+    were measured and are not here: with O_DIRECT the client's give-up is
+    an EIO that fails the replica, and the given-up write did not land
+    later; README, "Files on NFS".)"""
+    if m is None or m.fstype not in NETWORK_FS or not buffered:
         return []
-    where = f"{path} is on {m.source} ({m.fstype} on {m.mount_point})"
-    out = []
-    if m.has("soft") or m.has("softerr"):
-        out.append(f"{where} mounted soft: a write the client gives up on "
-                   "fails the replica, yet may still reach the server when the "
-                   "network heals, after quorumblk has counted it done; mount "
-                   "it hard (quorumblk's --timeout bounds the wait)")
-    if buffered:
-        out.append(f"{where} is opened buffered: the client's page cache "
-                   "answers reads, so rot in the server's copy goes unseen; "
-                   "leave the replicas O_DIRECT")
-    return out
+    return [f"{path} is on {m.source} ({m.fstype} on {m.mount_point}) and "
+            "opened buffered: the NFS client's page cache answers its reads, "
+            "so rot in the server's copy goes unseen; leave the replicas "
+            "O_DIRECT (no --buffered)"]
 
 
 def warnings(paths, buffered=False, mountinfo="/proc/self/mountinfo"):

@@ -1,6 +1,6 @@
 """quorumblk.mounts: mountinfo lines parsed, the mount of a file found, and
-the warnings for a replica on NFS (soft mounts, buffered opens); none for a
-local file system or a hard mount."""
+the warning for a replica on NFS opened buffered; none for O_DIRECT (hard
+or soft) or a local file system."""
 import os
 
 from quorumblk import mounts
@@ -39,25 +39,23 @@ def _mount(line):
     return m
 
 
-def test_a_soft_or_softerr_nfs_mount_is_named_in_a_warning():
-    for line, point in ((SOFT, "/mnt/nfs-b"), (SOFTERR, "/mnt/nfs-c")):
-        m = _mount(line)
-        (w,) = mounts.unsafe(point + "/r.img", m)
-        assert w.startswith(f"{point}/r.img is on 10.0.0.2:/export (nfs4 on {point}) "
-                            "mounted soft"), w
-        assert "mount it hard" in w
+def test_a_replica_opened_buffered_on_nfs_is_named_in_a_warning():
+    for line, point in ((HARD, "/mnt/nfs a"), (SOFT, "/mnt/nfs-b")):
+        (w,) = mounts.unsafe(point + "/r.img", _mount(line), buffered=True)
+        assert w == (f"{point}/r.img is on 10.0.0.2:/export (nfs4 on {point}) and "
+                     "opened buffered: the NFS client's page cache answers its "
+                     "reads, so rot in the server's copy goes unseen; leave the "
+                     "replicas O_DIRECT (no --buffered)"), w
 
 
-def test_a_hard_nfs_mount_and_a_local_file_system_draw_no_warning():
-    assert mounts.unsafe("/mnt/nfs a/r.img", _mount(HARD)) == []
+def test_o_direct_on_nfs_hard_or_soft_and_a_local_file_system_draw_no_warning():
+    # soft and softerr too: measured in the VM (tests/device/test_nfs.py),
+    # the client's give-up fails the replica and nothing lands later
+    for line in (HARD, SOFT, SOFTERR):
+        assert mounts.unsafe("/mnt/x/r.img", _mount(line)) == []
     assert mounts.unsafe("/r.img", _mount(ROOT)) == []
     assert mounts.unsafe("/r.img", _mount(ROOT), buffered=True) == []
-    assert mounts.unsafe("/r.img", None) == []
-
-
-def test_buffered_on_nfs_is_a_warning():
-    (w,) = mounts.unsafe("/mnt/nfs a/r.img", _mount(HARD), buffered=True)
-    assert "opened buffered" in w and "(nfs4 on /mnt/nfs a)" in w
+    assert mounts.unsafe("/r.img", None, buffered=True) == []
 
 
 def test_mount_of_picks_the_deepest_mount_point_of_the_files_device(tmp_path):
@@ -85,8 +83,10 @@ def test_warnings_reads_a_mountinfo_file_and_skips_what_does_not_exist(tmp_path)
     st = os.stat(f)
     info = tmp_path / "mountinfo"
     info.write_text(f"7 1 {os.major(st.st_dev)}:{os.minor(st.st_dev)} / / rw - "
-                    "nfs4 srv:/x rw,vers=4.2,soft\n")
-    (w,) = mounts.warnings([str(f), str(tmp_path / "missing.img")],
+                    "nfs4 srv:/x rw,vers=4.2,hard\n")
+    (w,) = mounts.warnings([str(f), str(tmp_path / "missing.img")], buffered=True,
                            mountinfo=str(info))
-    assert w.startswith(f"{f} is on srv:/x (nfs4 on /) mounted soft")
-    assert mounts.warnings([str(tmp_path / "missing.img")], mountinfo=str(info)) == []
+    assert w.startswith(f"{f} is on srv:/x (nfs4 on /) and opened buffered")
+    assert mounts.warnings([str(f)], mountinfo=str(info)) == []
+    assert mounts.warnings([str(tmp_path / "missing.img")], buffered=True,
+                           mountinfo=str(info)) == []

@@ -3,7 +3,8 @@ namespace of its own (tests/device/nfslib.py), each holding one replica
 image that the client, where quorumblk runs, reaches through a hard NFSv4.2
 mount. Rot in a server's copy, a server cut off during writes and back, a
 server restarted under load, a slow server, `del` and `recover` with a
-server unreachable, and the warning `add` gives for a soft mount. Every
+server unreachable, what a soft mount does, and the warning `add` gives
+for replicas on NFS opened buffered. Every
 test checks that its fault really happened (packets dropped, nfsd's
 threads gone, the delay seen by reads)."""
 import json
@@ -202,7 +203,11 @@ def test_a_server_restarted_under_load(nfs, cli):
     info = cli("-t", "2", "--timeout", str(TIMEOUT), *paths)
     dev_id = info["id"]
     server = nfs.servers[1]
-    fio = fio_verify(info["path"], "16m", "0", seed=43)
+    fio = fio_verify(info["path"], "24m", "0", seed=43, rate_iops=200)
+
+    def ios():
+        c = counters(dev_id)
+        return c["writes"] + c["reads"]     # fio may be verifying by then
     try:
         wait_until(lambda: counters(dev_id)["writes"] >= 100, 120,
                    "fio's writes getting going")
@@ -210,9 +215,9 @@ def test_a_server_restarted_under_load(nfs, cli):
         stopped = time.monotonic()
         wait_until(lambda: states(dev_id)[1] == "failed", TIMEOUT + 60,
                    "the stopped server's replica failing")
-        before = counters(dev_id)["writes"]
-        wait_until(lambda: counters(dev_id)["writes"] >= before + 100, 120,
-                   "writes going on without the stopped server")
+        before = ios()
+        wait_until(lambda: ios() >= before + 100 or fio.poll() is not None, 120,
+                   "I/O going on without the stopped server")
         server.start_nfsd()
         print(f"\nnfsd stopped for {time.monotonic() - stopped:.1f} s")
         fio_result(fio)
@@ -272,7 +277,7 @@ def test_a_slow_server_and_the_read_policies(nfs, cli):
     assert out["all"]["10"] >= delay * 0.9, out
     # a third of threshold's reads leave it out (the pair rotates)
     assert out["threshold"]["10"] < delay / 2, out
-    assert out["fifo"]["90"] < delay / 2, out
+    assert out["fifo"]["75"] < delay / 2, out
 
 
 def test_del_with_a_server_unreachable_does_not_hang(nfs, cli):
@@ -317,7 +322,7 @@ def test_recover_with_a_server_unreachable_does_not_hang(nfs, cli):
         os.kill(info["pid"], signal.SIGKILL)
         assert wait_dead(info["pid"])
         t0 = time.monotonic()
-        p = qb("recover", info["id"], timeout=300)
+        p = qb("recover", info["id"], timeout=120)
         took = time.monotonic() - t0
         dropped = server.dropped()
     finally:
@@ -334,10 +339,28 @@ def test_recover_with_a_server_unreachable_does_not_hang(nfs, cli):
     assert qb("del", info["id"]).returncode == 0
 
 
+def test_add_warns_when_nfs_replicas_are_opened_buffered(nfs):
+    """`add --buffered` over NFS: the client's page cache would answer the
+    reads and hide a server's rot; add warns, naming each mount."""
+    paths = replicas(nfs, 16 * MIB)
+    p = qb("add", "--json", "--buffered", "-t", "2", *paths)
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    gone = qb("del", info["id"])
+    for i, path in enumerate(paths):
+        want = (f"quorumblk: warning: {path} is on {nfs.servers[i].addr}:/ "
+                f"(nfs4 on {nfs.mounts[i]}) and opened buffered")
+        assert want in p.stderr, p.stderr
+    assert gone.returncode == 0, gone.stderr
+    p = qb("add", "--json", "-t", "2", *paths)      # O_DIRECT: no warning
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
+    assert qb("del", json.loads(p.stdout)["id"]).returncode == 0
+
+
 @pytest.fixture
 def soft_nfs():
     """The three servers, mounted soft: the client gives up on an RPC after
-    1 s and one retransmission."""
+    its own retries (timeo 1 s, one retransmission)."""
     n = nfslib.Nfs()
     try:
         n.start(options="soft,timeo=10,retrans=1")
@@ -346,32 +369,30 @@ def soft_nfs():
         n.stop()
 
 
-def test_add_warns_about_a_soft_mount_and_what_a_soft_timeout_does(soft_nfs):
-    """`add` over soft mounts warns about each, naming its mount. Then what
-    the warning is about: with the third server cut off, its soft mount
-    gives up on a write before the replica timeout (30 s here): the replica
-    leaves service with that error and owes nothing, so nothing will wait
-    for that write; yet when the network heals the write the client gave up
-    on reaches the server after all (TCP still held it)."""
+def test_a_soft_mount_gives_up_with_eio_before_the_replica_timeout(soft_nfs):
+    """What a soft mount does (the README's mount options): with the third
+    server cut off and the replica timeout at 30 s, the client gives up on
+    a write first: EIO, the replica leaves service owing nothing (add warns
+    of nothing: O_DIRECT). A block rewritten after that, and the readd once
+    the network has healed, leave the three servers' files the same with
+    the newest data: the write the client gave up on did not land over it."""
     nfs = soft_nfs
     paths = replicas(nfs)
     p = qb("add", "--json", "-t", "2", "--timeout", "30", *paths)
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr
     info = json.loads(p.stdout)
+    dev_id = info["id"]
     try:
-        for i, path in enumerate(paths):
-            want = (f"quorumblk: warning: {path} is on {nfs.servers[i].addr}:/ "
-                    f"(nfs4 on {nfs.mounts[i]}) mounted soft")
-            assert want in p.stderr, p.stderr
         # the region is marked first: the write that meets the cut is the
         # data itself, not the bitmap's
         dd_write(info["path"], 8 * MIB, 4, seed=9)
         server = nfs.servers[2]
         server.cut()
         try:
-            given_up, took = dd_write(info["path"], 8 * MIB, 4, seed=8)
-            r = status(info["id"])["replicas"][2]
-            ev = failed_events(info["id"])
+            _, took = dd_write(info["path"], 8 * MIB, 4, seed=8)
+            r = status(dev_id)["replicas"][2]
+            ev = failed_events(dev_id)
+            newer, _ = dd_write(info["path"], 8 * MIB, 4, seed=10)
             dropped = server.dropped()
         finally:
             server.heal()
@@ -380,16 +401,14 @@ def test_add_warns_about_a_soft_mount_and_what_a_soft_timeout_does(soft_nfs):
               f"{[(e['replica'], e['errno']) for e in ev]}")
         assert dropped > 0
         assert took < 30 and r["state"] == "failed" and r["owed"] == 0, r
-        assert [e["replica"] for e in ev] == [2] and ev[0]["errno"] != "ETIMEDOUT", ev
-
-        def landed():
-            with open(nfs.replica(2)[1], "rb") as f:
-                f.seek(8 * MIB)
-                return f.read(len(given_up)) == given_up
-        t0 = time.monotonic()
-        wait_until(landed, 180, "the given-up write reaching the server")
-        print(f"the write the client gave up on landed {time.monotonic() - t0:.1f} s "
-              "after the network healed")
+        assert [(e["replica"], e["errno"]) for e in ev] == [(2, "EIO")], ev
+        res = readd(dev_id, paths[2])
+        assert res["copied_bytes"] > 0
+        size = status(dev_id)["size"]
     finally:
-        gone = qb("del", info["id"])
+        gone = qb("del", dev_id)
     assert gone.returncode == 0, gone.stderr
+    server_copies_identical(nfs, size)
+    with open(nfs.replica(2)[1], "rb") as f:
+        f.seek(8 * MIB)
+        assert f.read(len(newer)) == newer
