@@ -4,10 +4,13 @@ replicas another device uses, of the id and of the ublk driver, writing
 nothing; then the first writes (a new set's metadata), the engine opened
 over the replicas, and the resync the assembly needs. Also whether a device
 whose daemon died can be taken over (recover)."""
+import mmap
 import os
+import threading
+import time
 import warnings
 
-from . import client, errors, meta, replica, runtime
+from . import client, errors, meta, mounts, replica, runtime
 from .core import Quorum
 from .errors import NoSuchDeviceError, RefusedError
 
@@ -26,6 +29,7 @@ def check_set(replicas, threshold, engine, reuse=None):
     if not 1 <= threshold <= len(replicas):
         raise RefusedError(f"threshold {threshold} out of range: it must be 1 to "
                            f"{len(replicas)} (the number of replicas)")
+    check_answers(replicas, engine.get("timeout") or 30.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_free([runtime.replica_identity(p) for p in replicas
@@ -33,10 +37,43 @@ def check_set(replicas, threshold, engine, reuse=None):
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
         plan = meta.assemble([str(p) for p in replicas], threshold, write=False)
     msgs = [str(w.message) for w in caught]
+    msgs += mounts.warnings(replicas, buffered=engine.get("buffered", False))
     if plan.missing:
         msgs.append(f"{len(plan.missing)} member(s) of the set not given: the "
                     "device runs degraded until they are back (quorumblk readd)")
     return plan, msgs
+
+
+def check_answers(replicas, timeout):
+    """Every replica answers within timeout seconds (the replica timeout):
+    its first block is read, O_DIRECT, in a thread of its own. A file whose
+    NFS server is unreachable (a hard mount waits for it) would otherwise
+    hold add or recover forever; such a probe is left to the kernel. What
+    fails quickly (a missing file) is left to the checks that follow."""
+    def probe(path):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.preadv(fd, [mmap.mmap(-1, 4096)], 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=probe, args=(str(p),), daemon=True)
+               for p in replicas]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    silent = [str(p) for p, t in zip(replicas, threads) if t.is_alive()]
+    if silent:
+        raise RefusedError(f"{', '.join(silent)} does not answer: a read of its "
+                           f"first block took more than {timeout:g} s (is its "
+                           "server unreachable?)")
 
 
 def open_set(replicas, threshold, engine, plan):
