@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <libnbd.h>
 #include <unistd.h>
 
 #include "engine_int.h"
@@ -46,6 +47,21 @@ static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe);
 
 /* ---- the ring ---- */
 
+static bool keep(struct qb_ctx *c, uint64_t ud, int32_t res, uint32_t flags)
+{
+	if (c->nbacklog == c->backlog_cap) {
+		uint32_t cap = c->backlog_cap ? 2 * c->backlog_cap : 64;
+		struct cqe_copy *b = realloc(c->backlog, cap * sizeof(*b));
+
+		if (!b)
+			return false;
+		c->backlog = b;
+		c->backlog_cap = cap;
+	}
+	c->backlog[c->nbacklog++] = (struct cqe_copy){ ud, res, flags };
+	return true;
+}
+
 /* Ready CQEs kept aside (the ring had no room to submit): handled by the
  * next qb_ctx_run, never from inside an issue. */
 static void stash(struct qb_ctx *c)
@@ -54,20 +70,20 @@ static void stash(struct qb_ctx *c)
 	unsigned head, seen = 0;
 
 	io_uring_for_each_cqe(&c->ring, head, cqe) {
-		if (c->nbacklog == c->backlog_cap) {
-			uint32_t cap = c->backlog_cap ? 2 * c->backlog_cap : 64;
-			struct cqe_copy *b = realloc(c->backlog, cap * sizeof(*b));
-
-			if (!b)
-				break;
-			c->backlog = b;
-			c->backlog_cap = cap;
-		}
-		c->backlog[c->nbacklog++] = (struct cqe_copy){
-			cqe->user_data, cqe->res, cqe->flags };
+		if (!keep(c, cqe->user_data, cqe->res, cqe->flags))
+			break;
 		seen++;
 	}
 	io_uring_cq_advance(&c->ring, seen);
+}
+
+/* An NBD command's result (nbd.c calls it from inside libnbd): kept, and
+ * handled by the loop like a CQE. The backlog grows in steps and is
+ * reused, so this allocates only while it grows. */
+void qb_ctx_keep(struct qb_ctx *c, uint64_t ud, int32_t res)
+{
+	while (!keep(c, ud, res, 0))
+		usleep(1000);	/* out of memory: nothing can be dropped */
 }
 
 struct io_uring_sqe *qb_ctx_sqe(struct qb_ctx *c)
@@ -510,6 +526,99 @@ uint32_t qb_blocks_of(struct qb_quorum *q, uint64_t off, uint64_t len)
 			  (off >> q->vote_shift));
 }
 
+/* ---- NBD replicas: a connection per context (nbd.c) ---- */
+
+static void nbd_sink(void *arg, uint64_t ud, int res)
+{
+	qb_ctx_keep(arg, ud, res);
+}
+
+static uint64_t nbd_poll_ud(uint32_t r, uint32_t gen)
+{
+	return ud_make(0, gen, K_NBD, r, 0);
+}
+
+static struct io_uring_sqe *nbd_sqe(void *arg)
+{
+	return qb_ctx_sqe(arg);
+}
+
+static const struct qb_nbd_ops nbd_ops = {
+	.sink = nbd_sink, .poll_ud = nbd_poll_ud, .sqe = nbd_sqe,
+};
+
+/* Orphans of replica r whose connection was closed: nothing of theirs can
+ * come back, and their buffers are free again. */
+static void forget_orphans(struct qb_ctx *c, uint32_t r)
+{
+	struct orphan **p = &c->orphans, *o;
+
+	while ((o = *p)) {
+		if (o->replica != r) {
+			p = &o->next;
+			continue;
+		}
+		*p = o->next;
+		qb_owed_forget(c->q, r, o->left);
+		if (o->buf)
+			buf_spare(c, o->buf);
+		free(o);
+	}
+}
+
+/* Close replica r's connection; what it had out is forgotten. */
+static void nbd_drop(struct qb_ctx *c, uint32_t r)
+{
+	qb_nbd_free(c->nbd[r]);
+	c->nbd[r] = NULL;
+	forget_orphans(c, r);
+}
+
+/* h becomes replica r's connection here (NULL: none). */
+static void nbd_use(struct qb_ctx *c, uint32_t r, struct nbd_handle *h)
+{
+	nbd_drop(c, r);
+	if (h && !(c->nbd[r] = qb_nbd_new(h, r, &nbd_ops, c)))
+		nbd_close(h);	/* out of memory: its I/O here fails */
+	c->has_nbd = true;
+}
+
+/* A new context connects to every NBD replica that takes I/O (one that
+ * is out gets its connection when it rejoins). A server that cannot be
+ * reached leaves the replica without one: its I/O here fails. */
+static void nbd_connect_all(struct qb_ctx *c)
+{
+	struct qb_quorum *q = c->q;
+	uint32_t wr = qb_writable(q);
+
+	for (uint32_t r = 0; r < qb_replicas(q); r++) {
+		struct nbd_handle *h = NULL;
+
+		if (!q->rep[r].is_nbd)
+			continue;
+		c->has_nbd = true;
+		if ((wr & (1u << r)) &&
+		    !qb_nbd_connect(q->rep[r].path, q->opt.timeout_ms, &h))
+			nbd_use(c, r, h);
+	}
+	qb_err_clear();
+}
+
+/* Connections a rejoin made for this context: taken in its own thread. */
+static void nbd_take_new(struct qb_ctx *c)
+{
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+		struct nbd_handle *h;
+
+		if (!__atomic_load_n(&c->link.nbd_next[r], __ATOMIC_ACQUIRE))
+			continue;
+		h = __atomic_exchange_n(&c->link.nbd_next[r], NULL,
+					__ATOMIC_ACQ_REL);
+		if (h)
+			nbd_use(c, r, h);
+	}
+}
+
 /*
  * A replica attached since this ring registered its files: register it
  * here, in the ring's own thread. Called before loading a replica mask: the
@@ -523,6 +632,7 @@ static void sync_files(struct qb_ctx *c)
 
 	if (gen == c->files_gen)
 		return;
+	nbd_take_new(c);
 	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
 		fds[r] = r < qb_replicas(q) ? q->rep[r].fd : -1;
 	if (io_uring_register_files_update(&c->ring, 0, fds,
@@ -1122,6 +1232,9 @@ static void handle_cqe(struct qb_ctx *c, const struct io_uring_cqe *cqe)
 	case K_WAKE:
 		wake_cqe(c);
 		return;
+	case K_NBD:
+		qb_nbd_event(c->nbd[ud_rep(ud)], ud_gen(ud), cqe->res);
+		return;
 	default:
 		io_cqe(c, ud, cqe->res);
 	}
@@ -1165,7 +1278,8 @@ static uint32_t progress_bound(struct qb_ctx *c)
 {
 	uint32_t m = UINT32_MAX;
 
-	if (!c->inflight || c->parked)
+	/* one poll CQE of an NBD connection may bring many answers */
+	if (!c->inflight || c->parked || c->has_nbd)
 		return 1;
 	for (uint32_t i = 0; i < c->depth && m > 1; i++) {
 		struct qb_slot *s = &c->slots[i];
@@ -1359,6 +1473,9 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 	}
 	if (c->link.wake_fd >= 0)
 		close(c->link.wake_fd);
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->link.nbd_next[r])	/* made for it, never taken */
+			nbd_close(c->link.nbd_next[r]);
 	pthread_mutex_destroy(&c->entry);
 	slots_free(c);
 	free(c->spare);
@@ -1383,6 +1500,24 @@ static struct qb_ctx *ctx_of(struct qb_ctx_link *l)
 	return (struct qb_ctx *)((char *)l - offsetof(struct qb_ctx, link));
 }
 
+/* The kept results of a context with nothing in flight: late answers. */
+static void reap_backlog(struct qb_ctx *c)
+{
+	for (uint32_t i = 0; i < c->nbacklog; i++) {
+		uint64_t ud = c->backlog[i].user_data;
+
+		if (ud & QB_UD_FOREIGN)
+			continue;
+		if (ud_kind(ud) == K_TICK)
+			c->tick_armed = false;
+		else if (ud_kind(ud) == K_WAKE)
+			c->wake_armed = false;
+		else if (ud_kind(ud) != K_IGNORE && ud_kind(ud) != K_NBD)
+			orphan_cqe(c, ud, c->backlog[i].res);
+	}
+	c->nbacklog = 0;
+}
+
 /* The CQEs of a context no thread is in: only abandoned I/O's, and the
  * engine's own timers and wake-ups, can be there. */
 static void reap_idle(struct qb_ctx *c)
@@ -1405,11 +1540,15 @@ static void reap_idle(struct qb_ctx *c)
 			break;
 		case K_IGNORE:
 			break;
+		case K_NBD:	/* answers come to the backlog */
+			qb_nbd_event(c->nbd[ud_rep(ud)], ud_gen(ud), cqe->res);
+			break;
 		default:
 			orphan_cqe(c, ud, cqe->res);
 		}
 	}
 	io_uring_cq_advance(&c->ring, seen);
+	reap_backlog(c);
 }
 
 /* Late completions of destroyed contexts; those whose I/O is all back are
@@ -1513,6 +1652,8 @@ int qb_ctx_create(struct qb_quorum *q, uint32_t depth, uint32_t flags,
 		ret = ring_init(c, flags);
 	if (!ret)
 		ret = slots_init(c);
+	if (!ret)
+		nbd_connect_all(c);
 	if (ret) {
 		if (c->ring_ok)
 			io_uring_queue_exit(&c->ring);
@@ -1535,6 +1676,12 @@ void qb_ctx_destroy(struct qb_ctx *c)
 		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
 			if (c->slots[i].nout[r])
 				abandon(c, &c->slots[i], r);
+	/* answers already in count as late; an NBD connection is closed
+	 * without waiting, and what it had out is forgotten */
+	reap_backlog(c);
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->nbd[r])
+			nbd_drop(c, r);
 	if (c->orphans) {
 		c->link.release = zombie_release;
 		slots_free(c);

@@ -12,6 +12,7 @@
 #define QB_ENGINE_INT_H
 
 #include "engine.h"
+#include "nbd.h"
 #include "qb.h"
 
 #define QB_MAX_RUNS 64		/* repair writes per request */
@@ -30,8 +31,10 @@ enum phase {
 };
 
 /* What a CQE is for. K_REPAIR rewrites a losing voter (a "repaired" event),
- * K_COPY a sync target; K_TICK, K_IGNORE and K_WAKE are the engine's own. */
-enum kind { K_IO, K_REPAIR, K_ZERO, K_COPY, K_TICK, K_IGNORE, K_WAKE };
+ * K_COPY a sync target; K_TICK, K_IGNORE and K_WAKE are the engine's own;
+ * K_NBD is an NBD connection's poll (replica, and its generation in the
+ * generation field). */
+enum kind { K_IO, K_REPAIR, K_ZERO, K_COPY, K_TICK, K_IGNORE, K_WAKE, K_NBD };
 enum zero_mode { ZM_FALLOC, ZM_PUNCH, ZM_WRITE };
 
 #define WIN_NO_QUORUM (1u << 31)	/* sync: the block had no quorum */
@@ -152,6 +155,10 @@ struct qb_ctx {
 	uint32_t nmapped, mapped_cap;
 	struct cqe_copy *backlog;
 	uint32_t nbacklog, backlog_cap;
+	/* its connections to NBD replicas (NULL: a file, or none yet); their
+	 * commands' results come back through the backlog */
+	struct qb_nbd *nbd[QB_MAX_REPLICAS];
+	bool has_nbd;
 
 	qb_done_fn done;
 	void *done_arg;
@@ -169,6 +176,8 @@ static inline uint32_t slot_no(const struct qb_ctx *c, const struct qb_slot *s)
 }
 
 /* engine.c */
+/* A result kept for the loop, handled as a CQE with this user_data. */
+void qb_ctx_keep(struct qb_ctx *c, uint64_t ud, int32_t res);
 void qb_begin_phase(struct qb_slot *s, int phase);
 void qb_end_issue(struct qb_ctx *c, struct qb_slot *s);
 void qb_finish(struct qb_ctx *c, struct qb_slot *s, int res, int kind,

@@ -148,6 +148,14 @@ static void prep_one(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 	uint64_t ud = ud_make(slot_no(c, s), s->gen, kind, r, idx);
 	struct io_uring_sqe *sqe;
 
+	if (q->rep[r].is_nbd) {	/* libnbd sends it now, if it can */
+		if (c->nbd[r])
+			qb_nbd_issue(c->nbd[r], q->rep[r].nbd_caps, op,
+				     s->flags & QB_REQ_FUA, buf, off, len, ud);
+		else
+			qb_ctx_keep(c, ud, -ENOTCONN);
+		goto queued;
+	}
 	/* a head and its I/O must go out in one submission */
 	if (f->kind && io_uring_sq_space_left(&c->ring) < 2)
 		io_uring_submit(&c->ring);

@@ -136,7 +136,8 @@ int qb_quorum_set_state(struct qb_quorum *q, uint32_t r, uint32_t state)
 /* Whether the replica joining as index r (path, opened as rep with stat st)
  * fits the set; under the writer's lock. */
 static int attach_check(struct qb_quorum *q, uint32_t r, const char *path,
-			const struct qb_meta *m, const struct stat *st)
+			const struct qb_replica *rep, const struct qb_meta *m,
+			const struct stat *st)
 {
 	struct qb_set *set = &q->bitmap->set;
 	uint32_t n = q->n, owed;
@@ -161,10 +162,12 @@ static int attach_check(struct qb_quorum *q, uint32_t r, const char *path,
 			      "%s: its header does not fit this set (slot %u)",
 			      path, m->slot);
 	for (uint32_t i = 0; i < n; i++) {
-		if (i == r || q->rep[i].state == QB_REPLICA_REMOVED ||
-		    fstat(q->rep[i].fd, &other))
+		if (i == r || q->rep[i].state == QB_REPLICA_REMOVED)
 			continue;
-		if (qb_same_object(st, &other))
+		memset(&other, 0, sizeof(other));
+		if (!q->rep[i].is_nbd && fstat(q->rep[i].fd, &other))
+			continue;
+		if (qb_same_replica(rep, st, &q->rep[i], &other))
 			return qb_err(EINVAL, QB_ERR_INVALID,
 				      "%s is the same replica as %s", path,
 				      q->rep[i].path);
@@ -192,7 +195,7 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	if (!b)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "replicas join only a set with metadata");
-	ret = qb_open_replica(&rep, path, q->opt.buffered, &st, &size);
+	ret = qb_open_any(&rep, path, &q->opt, &st, &size);
 	if (!ret && size != m->replica_size)
 		ret = qb_err(EINVAL, QB_ERR_INVALID,
 			     "%s: %llu bytes, its header says %llu", path,
@@ -212,7 +215,7 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	for (r = 0; r < n; r++)
 		if (!memcmp(b->set.hdr[r].replica_uuid, m->replica_uuid, 16))
 			break;
-	ret = attach_check(q, r, path, m, &st);
+	ret = attach_check(q, r, path, &rep, m, &st);
 	if (ret) {
 		pthread_mutex_unlock(&b->lock);
 		goto fail;
@@ -233,7 +236,9 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	q->rep[r].memory_fs = rep.memory_fs;
 	q->rep[r].align = rep.align;
 	q->rep[r].chunk = rep.chunk;
-	__atomic_store_n(&q->rep[r].zero_mode, 0, __ATOMIC_RELAXED);
+	q->rep[r].is_nbd = rep.is_nbd;
+	q->rep[r].nbd_caps = rep.nbd_caps;
+	__atomic_store_n(&q->rep[r].zero_mode, rep.zero_mode, __ATOMIC_RELAXED);
 	b->set.hdr[r] = *m;
 	memcpy(b->set.members[m->slot].uuid, m->replica_uuid, 16);
 	b->set.members[m->slot].state = QB_REPLICA_RESYNCING;

@@ -51,6 +51,8 @@ struct qb_replica {
 	int old_fd;			/* the fd before its last attach */
 	int state;			/* enum qb_replica_state, atomic */
 	int is_blockdev;
+	int is_nbd;			/* an NBD export (nbd.c): fd is -1 */
+	uint32_t nbd_caps;		/* what it offers, QB_NBD_* */
 	int memory_fs;			/* tmpfs/ramfs: I/O done in-thread */
 	uint32_t align;			/* direct-I/O offset and length unit */
 	uint32_t chunk;			/* largest I/O not split below; 0: any */
@@ -72,12 +74,16 @@ struct qb_ctx_link {
 	struct qb_counters dev, rep[QB_MAX_REPLICAS];
 	uint32_t out[QB_MAX_REPLICAS];	/* its replica I/Os in flight */
 	int wake_fd;			/* eventfd polled on its ring */
+	/* NBD connections that a rejoin made for it, taken by its thread
+	 * when it sees files_gen change (atomic exchange) */
+	struct nbd_handle *nbd_next[QB_MAX_REPLICAS];
 	int waiting;			/* parked on a metadata round, atomic */
 	void (*release)(struct qb_ctx_link *l);
 	struct qb_ctx_link *next;
 };
 
 struct qb_bitmap;		/* bitmap.h: bitmap.c and members.c */
+struct nbd_handle;		/* libnbd's, nbd.c */
 
 /* Event rate limit per replica (plus one for the device) and type. */
 struct qb_ratelimit {
@@ -152,12 +158,21 @@ void qb_link_remove(struct qb_quorum *q, struct qb_ctx_link *l, bool zombie);
 void qb_links_wake(struct qb_quorum *q);
 /* An abandoned I/O of replica r is owed (+1) or came back (-1). */
 void qb_owed(struct qb_quorum *q, uint32_t r, int delta);
+/* n abandoned I/Os of replica r will never come back (their connection
+ * was closed): no longer owed, not late either. */
+void qb_owed_forget(struct qb_quorum *q, uint32_t r, uint32_t n);
 /* Replica r's I/Os not completed: in flight in any context, or owed. */
 uint32_t qb_replica_outstanding(struct qb_quorum *q, uint32_t r);
 /* Open one replica, check its size; errors name the path. */
 int qb_open_replica(struct qb_replica *r, const char *path, bool buffered,
 		    struct stat *st, uint64_t *size);
 bool qb_same_object(const struct stat *a, const struct stat *b);
+/* A file, a block device or an NBD URI (nbd.c; st is zeroed for those). */
+int qb_open_any(struct qb_replica *r, const char *path,
+		const struct qb_options *o, struct stat *st, uint64_t *size);
+/* The same replica twice: one file, or one export URI. */
+bool qb_same_replica(const struct qb_replica *ra, const struct stat *a,
+		     const struct qb_replica *rb, const struct stat *b);
 
 /* members.c */
 /* Replica r leaves service after err: events, and (with metadata) a header

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "engine_int.h"
 
 uint64_t qb_now_ns(void)
 {
@@ -126,6 +127,30 @@ int qb_open_replica(struct qb_replica *r, const char *path, bool buffered,
 	return 0;
 }
 
+int qb_open_any(struct qb_replica *r, const char *path,
+		const struct qb_options *o, struct stat *st, uint64_t *size)
+{
+	int ret;
+
+	memset(st, 0, sizeof(*st));
+	r->zero_mode = ZM_FALLOC;
+	if (!qb_nbd_is_uri(path))
+		return qb_open_replica(r, path, o->buffered, st, size);
+	ret = qb_nbd_open_replica(r, path, o->timeout_ms, size);
+	/* an export without write-zeroes gets zeros written */
+	if (!(r->nbd_caps & QB_NBD_ZERO))
+		r->zero_mode = ZM_WRITE;
+	return ret;
+}
+
+bool qb_same_replica(const struct qb_replica *ra, const struct stat *a,
+		     const struct qb_replica *rb, const struct stat *b)
+{
+	if (ra->is_nbd || rb->is_nbd)	/* an export's identity: its URI */
+		return ra->is_nbd && rb->is_nbd && !strcmp(ra->path, rb->path);
+	return qb_same_object(a, b);
+}
+
 bool qb_same_object(const struct stat *a, const struct stat *b)
 {
 	if (S_ISBLK(a->st_mode) && S_ISBLK(b->st_mode))
@@ -143,12 +168,12 @@ static int open_replicas(struct qb_quorum *q, const char *const *paths)
 		q->rep[i].path = strdup(paths[i]);
 		if (!q->rep[i].path)
 			return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
-		ret = qb_open_replica(&q->rep[i], paths[i], q->opt.buffered,
-				   &st[i], &size[i]);
+		ret = qb_open_any(&q->rep[i], paths[i], &q->opt, &st[i],
+				  &size[i]);
 		if (ret)
 			return ret;
 		for (uint32_t j = 0; j < i; j++)
-			if (qb_same_object(&st[i], &st[j]))
+			if (qb_same_replica(&q->rep[i], &st[i], &q->rep[j], &st[j]))
 				return qb_err(EINVAL, QB_ERR_INVALID,
 					      "%s and %s are the same replica (one file or device given twice)",
 					      paths[j], paths[i]);
@@ -287,6 +312,13 @@ int qb_quorum_replica_state(const struct qb_quorum *q, uint32_t replica)
 	return __atomic_load_n(&q->rep[replica].state, __ATOMIC_ACQUIRE);
 }
 
+int qb_quorum_replica_nbd_caps(const struct qb_quorum *q, uint32_t replica)
+{
+	if (replica >= qb_replicas(q))
+		return qb_err(EINVAL, QB_ERR_INVALID, "no replica %u", replica);
+	return q->rep[replica].is_nbd ? (int)q->rep[replica].nbd_caps : -1;
+}
+
 int qb_quorum_event_fd(const struct qb_quorum *q)
 {
 	return q->event_fd;
@@ -371,6 +403,13 @@ int qb_quorum_inject(struct qb_quorum *q, uint32_t replica, uint32_t kind,
 	if (replica >= qb_replicas(q) || kind > QB_FAULT_LATE)
 		return qb_err(EINVAL, QB_ERR_INVALID,
 			      "fault: no replica %u or kind %u", replica, kind);
+	if (q->rep[replica].is_nbd && kind != QB_FAULT_EIO &&
+	    kind != QB_FAULT_NONE)
+		/* those are io_uring chains; an NBD server's own faults are
+		 * real ones (stop it, cut its network) */
+		return qb_err(EINVAL, QB_ERR_INVALID,
+			      "fault: replica %u (%s) is an NBD export: only EIO faults can be injected there",
+			      replica, q->rep[replica].path);
 	pthread_mutex_lock(&q->fault_lock);
 	if (kind == QB_FAULT_LATE || kind == QB_FAULT_HANG) {
 		if (q->ngates == sizeof(q->gates) / sizeof(q->gates[0])) {
@@ -513,6 +552,11 @@ void qb_owed(struct qb_quorum *q, uint32_t r, int delta)
 	if (delta < 0)
 		__atomic_add_fetch(&q->rep[r].late, (uint64_t)-delta,
 				   __ATOMIC_RELAXED);
+}
+
+void qb_owed_forget(struct qb_quorum *q, uint32_t r, uint32_t n)
+{
+	__atomic_sub_fetch(&q->rep[r].owed, n, __ATOMIC_ACQ_REL);
 }
 
 uint32_t qb_replica_outstanding(struct qb_quorum *q, uint32_t r)

@@ -251,6 +251,9 @@ uint32_t qb_quorum_events(struct qb_quorum *q, struct qb_event *out,
 			  uint32_t max);
 /* An eventfd that becomes readable when events are pending. */
 int qb_quorum_event_fd(const struct qb_quorum *q);
+/* An NBD replica's export offers (bits: 1 flush, 2 FUA, 4 write-zeroes,
+ * 8 trim, 16 multi-conn); -1 for a file or block device. */
+int qb_quorum_replica_nbd_caps(const struct qb_quorum *q, uint32_t replica);
 /* Test hook: make replica's I/Os of the ops in ops_mask (1 << QB_OP_*) that
  * touch [offset, offset + length) fail, hang, start late or be held; count 0
  * means until cleared. Offsets at or beyond the data size are the

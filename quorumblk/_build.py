@@ -25,6 +25,7 @@ REQUIRED = [
     ("liburing.h", "liburing-dev"),
     ("xxhash.h", "libxxhash-dev"),
     ("openssl/evp.h", "libssl-dev"),
+    ("libnbd.h", "libnbd-dev"),
 ]
 
 
@@ -91,7 +92,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{h}"' for h in PUBLIC_HEADERS),
     sources=sources(),
     include_dirs=[CSRC],
-    libraries=["uring", "xxhash", "crypto", "pthread"],
+    libraries=["uring", "xxhash", "crypto", "nbd", "pthread"],
     extra_compile_args=["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra",
                         "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
 )
