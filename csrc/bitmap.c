@@ -38,16 +38,18 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libnbd.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "nbd.h"
 
 #define PAGE 4096ULL
 #define RING_ENTRIES 128	/* two SQEs per replica and call, and cancels */
 
 /* Writer user_data: call (32) | kind (3) | replica (5). */
-enum wkind { W_IO = 1, W_IGNORE = 2, W_WORK = 3 };
+enum wkind { W_IO = 1, W_IGNORE = 2, W_WORK = 3, W_NBD = 4 };
 
 static inline uint64_t wud(uint32_t call, uint32_t kind, uint32_t r)
 {
@@ -209,12 +211,12 @@ static void arm_work(struct qb_bitmap *b)
 
 /* A CQE outside the current call's: work asked for, or the late answer of
  * an abandoned I/O. */
-static void other_cqe(struct qb_quorum *q, const struct io_uring_cqe *cqe)
+static void other_cqe(struct qb_quorum *q, uint64_t ud, int res)
 {
 	struct qb_bitmap *b = q->bitmap;
 	uint64_t count;
 
-	switch (wud_kind(cqe->user_data)) {
+	switch (wud_kind(ud)) {
 	case W_WORK:
 		if (read(b->work_fd, &count, sizeof(count)) < 0) {
 			/* nothing pending: a wake-up already consumed */
@@ -222,9 +224,12 @@ static void other_cqe(struct qb_quorum *q, const struct io_uring_cqe *cqe)
 		arm_work(b);
 		return;
 	case W_IO:
-		qb_owed(q, wud_rep(cqe->user_data), -1);
-		qb_event(q, QB_EV_LATE, (int)wud_rep(cqe->user_data), b->off, 0,
-			 cqe->res < 0 ? -cqe->res : 0);
+		qb_owed(q, wud_rep(ud), -1);
+		qb_event(q, QB_EV_LATE, (int)wud_rep(ud), b->off, 0,
+			 res < 0 ? -res : 0);
+		return;
+	case W_NBD:	/* its answers come back through wio_result */
+		qb_nbd_event(b->nbd[wud_rep(ud)], wud_call(ud), res);
 		return;
 	}
 }
@@ -236,28 +241,102 @@ struct call {
 	uint32_t len;
 };
 
+/* One result: the current call's, or another (c: b->cur). */
+static void wio_result(struct qb_quorum *q, uint64_t ud, int res)
+{
+	struct call *c = q->bitmap->cur;
+	uint32_t r = wud_rep(ud), bit = 1u << r;
+
+	if (c && wud_kind(ud) == W_IO && wud_call(ud) == c->id &&
+	    (c->pending & bit)) {
+		c->pending &= ~bit;
+		if (res != (int)c->len)
+			c->bad |= bit;
+		return;
+	}
+	if (wud_kind(ud) != W_IGNORE)
+		other_cqe(q, ud, res);
+}
+
 static void reap(struct qb_quorum *q, struct call *c)
 {
 	struct qb_bitmap *b = q->bitmap;
 	struct io_uring_cqe *cqe;
 	unsigned head, seen = 0;
 
+	b->cur = c;
 	io_uring_for_each_cqe(&b->ring, head, cqe) {
-		uint64_t ud = cqe->user_data;
-		uint32_t r = wud_rep(ud), bit = 1u << r;
-
 		seen++;
-		if (c && wud_kind(ud) == W_IO && wud_call(ud) == c->id &&
-		    (c->pending & bit)) {
-			c->pending &= ~bit;
-			if (cqe->res != (int)c->len)
-				c->bad |= bit;
-			continue;
-		}
-		if (wud_kind(ud) != W_IGNORE)
-			other_cqe(q, cqe);
+		wio_result(q, cqe->user_data, cqe->res);
 	}
 	io_uring_cq_advance(&b->ring, seen);
+	b->cur = NULL;
+}
+
+/* ---- the writer's NBD connections (nbd.c) ---- */
+
+static void nbd_sink(void *arg, uint64_t ud, int res)
+{
+	wio_result(arg, ud, res);	/* it only counts: no I/O from here */
+}
+
+static uint64_t nbd_poll_ud(uint32_t r, uint32_t gen)
+{
+	return wud(gen, W_NBD, r);
+}
+
+static struct io_uring_sqe *nbd_sqe(void *arg)
+{
+	return io_uring_get_sqe(&((struct qb_quorum *)arg)->bitmap->ring);
+}
+
+static const struct qb_nbd_ops nbd_ops = {
+	.sink = nbd_sink, .poll_ud = nbd_poll_ud, .sqe = nbd_sqe,
+};
+
+/* Replica r's writer connection is h now (NULL: none). What the old one
+ * had out will never come back: no longer owed. */
+static void nbd_use(struct qb_quorum *q, uint32_t r, struct nbd_handle *h)
+{
+	struct qb_bitmap *b = q->bitmap;
+	uint32_t dropped = qb_nbd_free(b->nbd[r]);
+
+	if (dropped)
+		qb_owed_forget(q, r, dropped);
+	b->nbd[r] = h ? qb_nbd_new(h, r, &nbd_ops, q) : NULL;
+	if (h && !b->nbd[r])
+		nbd_close(h);
+}
+
+/* Connections that rejoins made for the writer. */
+static void nbd_take_new(struct qb_quorum *q)
+{
+	struct qb_bitmap *b = q->bitmap;
+
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+		struct nbd_handle *h;
+
+		if (!__atomic_load_n(&b->nbd_next[r], __ATOMIC_ACQUIRE))
+			continue;
+		h = __atomic_exchange_n(&b->nbd_next[r], NULL, __ATOMIC_ACQ_REL);
+		if (h)
+			nbd_use(q, r, h);
+	}
+}
+
+/* Replica r's metadata write (buf NULL: flush) on its connection: the
+ * result comes to wio_result. */
+static void nbd_wio(struct qb_quorum *q, uint32_t r, const struct wio *io,
+		    uint32_t len, uint64_t ud)
+{
+	struct qb_nbd *n = q->bitmap->nbd[r];
+
+	if (!n) {
+		wio_result(q, ud, -ENOTCONN);
+		return;
+	}
+	qb_nbd_issue(n, q->rep[r].nbd_caps, io->buf ? QB_OP_WRITE : QB_OP_FLUSH,
+		     true, (void *)io->buf, io->off, len, ud);
 }
 
 /*
@@ -278,6 +357,8 @@ static uint32_t write_all(struct qb_quorum *q, uint32_t mask,
 	uint32_t hung = 0;
 	int ret;
 
+	nbd_take_new(q);
+	b->cur = &c;	/* an NBD command may answer while being sent */
 	for (uint32_t r = 0; r < qb_replicas(q); r++) {
 		uint32_t op = io[r].buf ? QB_OP_WRITE : QB_OP_FLUSH;
 		struct io_uring_sqe *sqe;
@@ -289,6 +370,11 @@ static uint32_t write_all(struct qb_quorum *q, uint32_t mask,
 			f.kind = QB_FAULT_NONE;
 		if (f.kind == QB_FAULT_EIO) {
 			c.bad |= 1u << r;
+			continue;
+		}
+		if (q->rep[r].is_nbd) {
+			c.pending |= 1u << r;
+			nbd_wio(q, r, &io[r], len, wud(c.id, W_IO, r));
 			continue;
 		}
 		/* room for two SQEs per replica is there (RING_ENTRIES) */
@@ -318,6 +404,7 @@ static uint32_t write_all(struct qb_quorum *q, uint32_t mask,
 		sqe->user_data = wud(c.id, W_IO, r);
 		c.pending |= 1u << r;
 	}
+	b->cur = NULL;
 	while ((ret = io_uring_submit(&b->ring)) < 0 && qb_now_ns() < deadline) {
 		if (ret != -EBUSY && ret != -EAGAIN && ret != -EINTR)
 			break;
@@ -332,7 +419,9 @@ static uint32_t write_all(struct qb_quorum *q, uint32_t mask,
 			break;
 		left.tv_sec = (long long)((deadline - now) / 1000000000ULL);
 		left.tv_nsec = (long long)((deadline - now) % 1000000000ULL);
-		ret = io_uring_wait_cqe_timeout(&b->ring, &cqe, &left);
+		/* submits too: an NBD connection re-arms its poll in reap */
+		ret = io_uring_submit_and_wait_timeout(&b->ring, &cqe, 1, &left,
+						       NULL);
 		if (ret < 0 && ret != -EINTR && ret != -ETIME)
 			break;
 		reap(q, &c);
@@ -741,6 +830,16 @@ static int writer_start(struct qb_quorum *q)
 		return qb_err(ENOMEM, QB_ERR_OTHER,
 			      "io_uring for the metadata writes: cannot set up");
 	b->ring_ok = true;
+	/* its own connection to each NBD replica that takes writes; one it
+	 * cannot reach fails at the first round */
+	for (uint32_t r = 0; r < qb_replicas(q); r++) {
+		struct nbd_handle *h = NULL;
+
+		if (q->rep[r].is_nbd && (qb_writable(q) & (1u << r)) &&
+		    !qb_nbd_connect(q->rep[r].path, q->opt.timeout_ms, &h))
+			nbd_use(q, r, h);
+	}
+	qb_err_clear();
 	if (pthread_create(&b->thread, NULL, writer_main, q))
 		return qb_err(EAGAIN, QB_ERR_OTHER,
 			      "cannot start the metadata writer thread");
@@ -763,6 +862,8 @@ int qb_quorum_after_fork(struct qb_quorum *q)
 		close(b->work_fd);
 	b->ring_ok = b->thread_ok = false;
 	b->work_fd = -1;
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		nbd_use(q, r, NULL);	/* the parent's: reconnected below */
 	pthread_mutex_init(&b->lock, NULL);
 	pthread_cond_init(&b->cond, NULL);
 	return writer_start(q);
@@ -832,6 +933,11 @@ void qb_bitmap_free(struct qb_quorum *q)
 		unlock(b);
 		qb_bitmap_kick(q);
 		pthread_join(b->thread, NULL);
+	}
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+		nbd_use(q, r, NULL);	/* closed without waiting */
+		if (b->nbd_next[r])
+			nbd_close(b->nbd_next[r]);
 	}
 	if (b->ring_ok)
 		io_uring_queue_exit(&b->ring);

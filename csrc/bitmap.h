@@ -51,6 +51,11 @@ struct qb_bitmap {
 	bool ring_ok;
 	int work_fd;			/* eventfd: work was asked for */
 	uint32_t calls;			/* writer calls, to match CQEs to */
+	struct call *cur;		/* the call under way (writer only) */
+	/* the writer's own connections to NBD replicas, on its ring, and
+	 * those a rejoin made for it (taken by the writer, atomic) */
+	struct qb_nbd *nbd[QB_MAX_REPLICAS];
+	struct nbd_handle *nbd_next[QB_MAX_REPLICAS];
 };
 
 /* Ask for a header round; under b->lock. Returns the round. */

@@ -14,6 +14,9 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "nbd.h"
+
+#include <libnbd.h>
 
 bool qb_replica_take_out(struct qb_quorum *q, uint32_t r)
 {
@@ -181,9 +184,68 @@ static int attach_check(struct qb_quorum *q, uint32_t r, const char *path,
 	return 0;
 }
 
+/* A joining NBD replica needs a fresh connection in every context and in
+ * the metadata writer: made here, where waiting (up to the replica
+ * timeout) is allowed, and taken by each in its own thread (engine.c
+ * sync_files, bitmap.c write_all). A context created meanwhile gets none:
+ * its I/O there fails, and the replica fails again. */
+struct handover {
+	struct nbd_handle *h[64];
+	uint32_t n;
+};
+
+static int nbd_connect_many(struct qb_quorum *q, const char *uri,
+			    struct handover *hv)
+{
+	uint32_t want = 1;	/* the writer's */
+	int ret;
+
+	pthread_mutex_lock(&q->lock);
+	for (struct qb_ctx_link *l = q->ctxs; l; l = l->next)
+		want++;
+	pthread_mutex_unlock(&q->lock);
+	if (want > 64)
+		want = 64;
+	for (hv->n = 0; hv->n < want; hv->n++) {
+		ret = qb_nbd_connect(uri, q->opt.timeout_ms, &hv->h[hv->n]);
+		if (ret)
+			return ret;
+	}
+	return 0;
+}
+
+static void handover_close(struct handover *hv)
+{
+	while (hv->n)
+		nbd_close(hv->h[--hv->n]);
+}
+
+/* Under the writer's lock, before files_gen moves. */
+static void handover_give(struct qb_quorum *q, uint32_t r,
+			  struct handover *hv)
+{
+	struct nbd_handle *old;
+
+	if (!hv->n)
+		return;
+	old = __atomic_exchange_n(&q->bitmap->nbd_next[r], hv->h[--hv->n],
+				  __ATOMIC_ACQ_REL);
+	if (old)
+		nbd_close(old);
+	pthread_mutex_lock(&q->lock);
+	for (struct qb_ctx_link *l = q->ctxs; l && hv->n; l = l->next) {
+		old = __atomic_exchange_n(&l->nbd_next[r], hv->h[--hv->n],
+					  __ATOMIC_ACQ_REL);
+		if (old)
+			nbd_close(old);
+	}
+	pthread_mutex_unlock(&q->lock);
+}
+
 int qb_quorum_attach(struct qb_quorum *q, const char *path,
 		     const struct qb_meta *m)
 {
+	struct handover hv = { .n = 0 };
 	struct qb_bitmap *b = q->bitmap;
 	struct qb_replica rep = { .fd = -1 };
 	struct stat st;
@@ -207,6 +269,8 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 			     path, rep.align, q->align);
 	if (!ret && !(rep.path = strdup(path)))
 		ret = qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
+	if (!ret && rep.is_nbd)
+		ret = nbd_connect_many(q, path, &hv);
 	if (ret)
 		goto fail;
 
@@ -246,6 +310,7 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	if (m->slot >= b->set.nmembers)
 		b->set.nmembers = m->slot + 1;
 	round = qb_bitmap_want_headers_locked(q, 0);
+	handover_give(q, r, &hv);
 	__atomic_add_fetch(&q->files_gen, 1, __ATOMIC_ACQ_REL);
 	if (r == n)
 		__atomic_store_n(&q->n, n + 1, __ATOMIC_RELEASE);
@@ -253,8 +318,10 @@ int qb_quorum_attach(struct qb_quorum *q, const char *path,
 	pthread_mutex_unlock(&b->lock);
 	qb_bitmap_kick(q);
 	qb_bitmap_wait(q, round);
+	handover_close(&hv);	/* more than the contexts that took one */
 	return (int)r;
 fail:
+	handover_close(&hv);
 	if (rep.fd >= 0)
 		close(rep.fd);
 	free(rep.path);

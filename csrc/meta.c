@@ -23,8 +23,10 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <libnbd.h>
 #include <xxhash.h>
 
+#include "nbd.h"
 #include "qb.h"
 
 #define META_MAGIC "QBLKMETA"
@@ -141,7 +143,50 @@ static int decode(const uint8_t *in, uint64_t size, struct qb_meta *m,
 	return *why ? -2 : 1;
 }
 
-static int open_meta(const char *path, int flags, uint64_t *size)
+/* A replica's metadata is read and written through a file descriptor, or
+ * over its own NBD connection (each call waits at most
+ * QB_NBD_META_TIMEOUT_MS). */
+struct target {
+	int fd;
+	struct nbd_handle *h;
+};
+
+static int open_meta_fd(const char *path, int flags, uint64_t *size);
+
+static int target_open(struct target *t, const char *path, int flags,
+		       uint64_t *size)
+{
+	int64_t sz;
+	int ret;
+
+	t->h = NULL;
+	t->fd = -1;
+	if (!qb_nbd_is_uri(path)) {
+		t->fd = open_meta_fd(path, flags, size);
+		return t->fd < 0 ? t->fd : 0;
+	}
+	ret = qb_nbd_connect(path, QB_NBD_META_TIMEOUT_MS, &t->h);
+	if (ret)
+		return ret;
+	sz = nbd_get_size(t->h);
+	if (sz < 0) {
+		nbd_close(t->h);
+		return qb_err(EIO, QB_ERR_OTHER, "%s: cannot read its size: %s",
+			      path, nbd_get_error());
+	}
+	*size = (uint64_t)sz;
+	return 0;
+}
+
+static void target_close(struct target *t)
+{
+	if (t->h)
+		nbd_close(t->h);
+	if (t->fd >= 0)
+		close(t->fd);
+}
+
+static int open_meta_fd(const char *path, int flags, uint64_t *size)
 {
 	struct stat st;
 	int fd = open(path, flags | O_CLOEXEC | O_DIRECT);
@@ -164,10 +209,22 @@ static int open_meta(const char *path, int flags, uint64_t *size)
 	return fd;
 }
 
-static int read_full(int fd, void *buf, uint64_t len, uint64_t off,
+static int read_full(struct target *t, void *buf, uint64_t len, uint64_t off,
 		     const char *path)
 {
-	ssize_t got = pread(fd, buf, len, (off_t)off);
+	ssize_t got;
+
+	if (t->h) {
+		int ret = qb_nbd_sync(t->h, false, buf, len, off,
+				      QB_NBD_META_TIMEOUT_MS);
+
+		if (!ret)
+			return 0;
+		return qb_err(-ret, QB_ERR_OTHER,
+			      "%s: cannot read its metadata at offset %llu: %s",
+			      path, (unsigned long long)off, strerror(-ret));
+	}
+	got = pread(t->fd, buf, len, (off_t)off);
 
 	if (got == (ssize_t)len)
 		return 0;
@@ -184,12 +241,13 @@ int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
 	uint8_t *buf = NULL;
 	struct qb_meta copy[2];
 	const char *why[2] = { NULL, NULL };
-	int ok[2] = { 0, 0 }, best, ret, fd;
+	int ok[2] = { 0, 0 }, best, ret;
+	struct target t;
 
 	qb_err_clear();
-	fd = open_meta(path, O_RDONLY, &size);
-	if (fd < 0)
-		return fd;
+	ret = target_open(&t, path, O_RDONLY, &size);
+	if (ret < 0)
+		return ret;
 	ret = -ENODATA;
 	if (size < HDRS_BYTES + PAGE)
 		goto none;
@@ -197,7 +255,7 @@ int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
 		ret = qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 		goto out;
 	}
-	ret = read_full(fd, buf, HDRS_BYTES, size - HDRS_BYTES, path);
+	ret = read_full(&t, buf, HDRS_BYTES, size - HDRS_BYTES, path);
 	if (ret)
 		goto out;
 	ret = -ENODATA;
@@ -233,7 +291,7 @@ int qb_meta_read(const char *path, struct qb_meta *m, uint8_t *bitmap,
 			ret = qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
 			goto out;
 		}
-		ret = read_full(fd, buf, want, bitmap_off(m), path);
+		ret = read_full(&t, buf, want, bitmap_off(m), path);
 		if (!ret)
 			memcpy(bitmap, buf, want);
 	}
@@ -243,16 +301,23 @@ none:
 		qb_err(ENODATA, QB_ERR_INVALID, "%s: no quorumblk metadata",
 		       path);
 out:
+	target_close(&t);	/* first: libnbd may hold buf until then */
 	free(buf);
-	close(fd);
 	return ret;
 }
 
 /* Write len bytes and make them durable. */
-static int write_sync(int fd, const void *buf, uint64_t len, uint64_t off)
+static int write_sync(struct target *t, const void *buf, uint64_t len,
+		      uint64_t off)
 {
 	struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
-	ssize_t ret = pwritev2(fd, &iov, 1, (off_t)off, RWF_DSYNC);
+	int fd = t->fd;
+	ssize_t ret;
+
+	if (t->h)
+		return qb_nbd_sync(t->h, true, (void *)buf, len, off,
+				   QB_NBD_META_TIMEOUT_MS);
+	ret = pwritev2(fd, &iov, 1, (off_t)off, RWF_DSYNC);
 
 	if (ret < 0 && errno == EOPNOTSUPP) {
 		ret = pwrite(fd, buf, len, (off_t)off);
@@ -270,7 +335,7 @@ uint64_t qb_meta_header_off(const struct qb_meta *m)
 	return m->replica_size - HDRS_BYTES + (m->seq & 1) * HDR_BYTES;
 }
 
-static int header_write(int fd, const struct qb_meta *m)
+static int header_write(struct target *fd, const struct qb_meta *m)
 {
 	uint8_t *buf;
 	int ret;
@@ -289,12 +354,13 @@ int qb_meta_write(const char *path, const struct qb_meta *m,
 	uint64_t size, bytes = qb_meta_bitmap_bytes(m->nregions);
 	uint8_t *buf = NULL;
 	const char *why;
-	int fd, ret = 0;
+	struct target t;
+	int ret;
 
 	qb_err_clear();
-	fd = open_meta(path, O_RDWR, &size);
-	if (fd < 0)
-		return fd;
+	ret = target_open(&t, path, O_RDWR, &size);
+	if (ret < 0)
+		return ret;
 	why = qb_meta_check(m, size);
 	if (why) {	/* never write what a read would refuse */
 		ret = qb_err(EINVAL, QB_ERR_INVALID,
@@ -308,15 +374,15 @@ int qb_meta_write(const char *path, const struct qb_meta *m,
 			goto out;
 		}
 		memcpy(buf, bitmap, bytes);
-		ret = write_sync(fd, buf, bytes, bitmap_off(m));
+		ret = write_sync(&t, buf, bytes, bitmap_off(m));
 	}
 	if (!ret)
-		ret = header_write(fd, m);
+		ret = header_write(&t, m);
 	if (ret < 0)
 		qb_err(-ret, QB_ERR_OTHER, "%s: cannot write its metadata: %s",
 		       path, strerror(-ret));
 out:
+	target_close(&t);	/* first: libnbd may hold buf until then */
 	free(buf);
-	close(fd);
 	return ret;
 }

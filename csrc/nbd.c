@@ -369,3 +369,95 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 	}
 	arm(n);
 }
+
+/* ---- one-shot commands (meta.c's header reads and writes) ---- */
+
+int qb_nbd_sync(struct nbd_handle *h, bool write, void *buf, uint64_t len,
+		uint64_t off, uint32_t timeout_ms)
+{
+	uint64_t deadline = qb_now_ns() + (uint64_t)timeout_ms * 1000000ULL;
+	int64_t cookie;
+
+	if (write)	/* durable when it answers (FUA, or write-through) */
+		cookie = nbd_aio_pwrite(h, buf, len, off, NBD_NULL_COMPLETION,
+					nbd_can_fua(h) > 0 ?
+					LIBNBD_CMD_FLAG_FUA : 0);
+	else
+		cookie = nbd_aio_pread(h, buf, len, off, NBD_NULL_COMPLETION, 0);
+	if (cookie < 0)
+		return -(nbd_get_errno() ? nbd_get_errno() : EIO);
+	for (;;) {
+		struct pollfd p = { .fd = nbd_aio_get_fd(h), .events = POLLIN };
+		int done = nbd_aio_command_completed(h, cookie);
+		uint64_t now = qb_now_ns();
+
+		if (done == 1)
+			return 0;
+		if (done < 0)
+			return -(nbd_get_errno() ? nbd_get_errno() : EIO);
+		if (now >= deadline)
+			return -ETIMEDOUT;
+		if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE)
+			p.events |= POLLOUT;
+		if (poll(&p, 1, (int)((deadline - now + 999999) / 1000000)) <= 0)
+			continue;
+		if (p.revents & (POLLIN | POLLHUP | POLLERR))
+			nbd_aio_notify_read(h);
+		else
+			nbd_aio_notify_write(h);
+	}
+}
+
+/* ---- for the metadata's planning (quorumblk/meta.py) ---- */
+
+int qb_nbd_export_size(const char *uri, uint64_t *size)
+{
+	struct nbd_handle *h;
+	int64_t sz;
+	int ret;
+
+	qb_err_clear();
+	ret = qb_nbd_connect(uri, QB_NBD_META_TIMEOUT_MS, &h);
+	if (ret)
+		return ret;
+	sz = nbd_get_size(h);
+	if (sz < 0)
+		ret = nbd_fail(uri, "cannot read the export's size");
+	else
+		*size = (uint64_t)sz;
+	nbd_close(h);
+	return ret;
+}
+
+int qb_nbd_export_zero(const char *uri, uint64_t off, uint64_t len)
+{
+	struct nbd_handle *h;
+	char *buf = malloc(1 << 20);
+	int ret;
+
+	qb_err_clear();
+	if (!buf)
+		return qb_err(ENOMEM, QB_ERR_OTHER, "out of memory");
+	ret = qb_nbd_connect(uri, QB_NBD_META_TIMEOUT_MS, &h);
+	if (ret) {
+		free(buf);
+		return ret;
+	}
+	while (len && !ret) {
+		uint32_t n = len < (1 << 20) ? (uint32_t)len : 1 << 20;
+
+		ret = qb_nbd_sync(h, false, buf, n, off, QB_NBD_META_TIMEOUT_MS);
+		if (ret)
+			ret = qb_err(-ret, QB_ERR_OTHER,
+				     "%s: cannot read at offset %llu: %s", uri,
+				     (unsigned long long)off, strerror(-ret));
+		for (uint32_t i = 0; !ret && i < n; i++)
+			if (buf[i])
+				ret = 1;
+		off += n;
+		len -= n;
+	}
+	nbd_close(h);
+	free(buf);
+	return ret < 0 ? ret : !ret;
+}

@@ -68,4 +68,12 @@ void qb_nbd_event(struct qb_nbd *n, uint32_t gen, int res);
 /* Commands sent and not answered. */
 uint32_t qb_nbd_inflight(const struct qb_nbd *n);
 
+/* One read or write on h waiting at most timeout_ms (a write is durable
+ * when it returns): 0 or -errno, -ETIMEDOUT past the deadline. For one-shot
+ * metadata I/O, never the engine's. After -ETIMEDOUT, h must be closed
+ * before buf is used again. */
+#define QB_NBD_META_TIMEOUT_MS 10000
+int qb_nbd_sync(struct nbd_handle *h, bool write, void *buf, uint64_t len,
+		uint64_t off, uint32_t timeout_ms);
+
 #endif

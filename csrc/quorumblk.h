@@ -254,6 +254,11 @@ int qb_quorum_event_fd(const struct qb_quorum *q);
 /* An NBD replica's export offers (bits: 1 flush, 2 FUA, 4 write-zeroes,
  * 8 trim, 16 multi-conn); -1 for a file or block device. */
 int qb_quorum_replica_nbd_caps(const struct qb_quorum *q, uint32_t replica);
+/* An NBD export's size (for planning its metadata); 0 or -errno. */
+int qb_nbd_export_size(const char *uri, uint64_t *size);
+/* 1 if [off, off + len) of an NBD export reads as zeros, 0 if not, or
+ * -errno. */
+int qb_nbd_export_zero(const char *uri, uint64_t off, uint64_t len);
 /* Test hook: make replica's I/Os of the ops in ops_mask (1 << QB_OP_*) that
  * touch [offset, offset + length) fail, hang, start late or be held; count 0
  * means until cleared. Offsets at or beyond the data size are the

@@ -7,7 +7,7 @@ whose daemon died can be taken over (recover)."""
 import os
 import warnings
 
-from . import client, errors, meta, runtime
+from . import client, errors, meta, replica, runtime
 from .core import Quorum
 from .errors import NoSuchDeviceError, RefusedError
 
@@ -29,7 +29,7 @@ def check_set(replicas, threshold, engine, reuse=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_free([runtime.replica_identity(p) for p in replicas
-                    if os.path.exists(p)], skip=reuse)
+                    if replica.exists(p)], skip=reuse)
         Quorum(replicas, threshold, max_io=DEVICE_MAX_IO, **engine).close()
         plan = meta.assemble([str(p) for p in replicas], threshold, write=False)
     msgs = [str(w.message) for w in caught]

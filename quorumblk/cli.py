@@ -15,6 +15,7 @@ import sys
 import time
 
 from . import __version__, assembly, client, configcli, daemon, errors, events, monitor, runtime
+from . import replica
 from .errors import (CommandError, NoQuorumFoundError, QuorumError, RefusedError,
                      UsageError, exit_status_text)
 
@@ -126,7 +127,9 @@ def build_parser():
     a.add_argument("--threshold", "-t", type=int, required=True, metavar="K",
                    help="replicas that must agree on a block (1..N)")
     a.add_argument("replicas", nargs="+", metavar="REPLICA",
-                   help="replica image files or block devices, all the same size")
+                   help="replica image files, block devices or NBD exports "
+                        "(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), "
+                        "all the same size")
     e = a.add_argument_group("engine")
     e.add_argument("--read-policy", choices=("all", "threshold", "fifo"),
                    default="all", help="read every replica and vote (all, default), "
@@ -412,7 +415,7 @@ def _replica(text):
     path, made absolute here, where a relative one means something."""
     if text.isdigit() and not os.path.exists(text):
         return int(text)
-    return os.path.abspath(text)
+    return replica.absolute(text)
 
 
 def _start_job(args, command, **params):
@@ -516,12 +519,12 @@ def cmd_readd(args):
 
 def cmd_replace(args):
     return _finish(_start_job(args, "replace", old=_replica(args.old),
-                              new=os.path.abspath(args.new)),
+                              new=replica.absolute(args.new)),
                    args.json, _describe_fill)
 
 
 def cmd_add_replica(args):
-    return _finish(_start_job(args, "add-replica", replica=os.path.abspath(args.new)),
+    return _finish(_start_job(args, "add-replica", replica=replica.absolute(args.new)),
                    args.json, _describe_fill)
 
 

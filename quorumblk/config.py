@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 
-from . import meta, runtime
+from . import meta, replica, runtime
 from .errors import (CommandError, ConfigError, NoSuchDeviceError, RefusedError,
                      UsageError)
 
@@ -157,8 +157,9 @@ def _validate(data, name):
         out[k] = v
     if out["name"] != name:
         raise ValueError(f"name is {out['name']!r}, not {name!r} as the file's name says")
-    if not out["replicas"] or not all(os.path.isabs(p) for p in out["replicas"]):
-        raise ValueError("replicas must be a list of absolute paths")
+    if not out["replicas"] or not all(os.path.isabs(p) or replica.is_nbd(p)
+                                      for p in out["replicas"]):
+        raise ValueError("replicas must be a list of absolute paths or NBD URIs")
     if not 1 <= out["threshold"] <= len(out["replicas"]):
         raise ValueError(f"threshold {out['threshold']} out of range 1..{len(out['replicas'])}")
     for k, ok, what in CHECKS:
@@ -257,7 +258,7 @@ def entry_for(name, replicas, threshold, engine, devopts, allow_degraded=False):
         set_uuid = meta.uuid_text(m.set_uuid)
         members.append(meta.uuid_text(m.replica_uuid))
     e = {"name": name, "set_uuid": set_uuid, "threshold": threshold,
-         "replicas": [os.path.abspath(p) for p in replicas], "members": members,
+         "replicas": [replica.absolute(p) for p in replicas], "members": members,
          "allow_degraded": allow_degraded}
     e.update({k: engine[k] for k in ENGINE})
     e.update({"queues": devopts["queues"], "depth": devopts["depth"],
@@ -342,12 +343,13 @@ def find_members(entry):
     found, seen, left_out = {}, set(), []
     for p in candidates:
         try:
-            st = os.stat(p)
+            st = None if replica.is_nbd(p) else os.stat(p)
         except OSError:
             continue
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        if st and not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             continue
-        key = (st.st_rdev, st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) \
+        key = ("nbd", p) if st is None else \
+            (st.st_rdev, st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) \
             else (st.st_rdev,)
         if key in seen:
             continue
@@ -491,6 +493,8 @@ def unit_text(entry, exe, directory=None):
     name = entry["name"]
     files, devs = [], []
     for p in entry["replicas"]:
+        if replica.is_nbd(p):       # the unit waits for no file for it
+            continue
         try:
             blk = stat.S_ISBLK(os.stat(p).st_mode)
         except OSError:

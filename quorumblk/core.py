@@ -10,6 +10,7 @@ import threading
 import warnings
 import weakref
 
+from . import replica
 from ._core import ffi, lib
 from .errors import InvalidArgumentError, QuorumError, raise_for
 
@@ -318,9 +319,24 @@ class Quorum:
         for i, r in enumerate(replicas):
             r["path"] = self.paths[i]
             r["index"] = i
+            r["kind"] = replica.kind(self.paths[i])
+            if r["kind"] == "nbd":
+                r["server"] = replica.server(self.paths[i])
+                r["offers"] = self.nbd_offers(i)
         return {"size": self.size, "threshold": self.threshold,
                 "in_service": sum(r["state"] == "in-service" for r in replicas),
                 "replicas": replicas, "counters": device}
+
+    def nbd_offers(self, i):
+        """What replica i's NBD export offers ({"flush": bool, ...}), or None
+        for a file or block device. Without "flush" the export says it has
+        no write cache: its writes are durable when answered."""
+        caps = lib.qb_quorum_replica_nbd_caps(self._q, i)
+        if caps < 0:
+            return None
+        return {name: bool(caps & bit) for name, bit in
+                (("flush", 1), ("fua", 2), ("write_zeroes", 4), ("trim", 8),
+                 ("multi_conn", 16))}
 
     # -- metadata (quorumblk.meta builds it; the engine keeps it up to date) --
     @_guarded

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from . import assembly, errors, runtime, server
+from . import assembly, errors, replica, runtime, server
 from .errors import CommandError, StartError
 from .server import log
 
@@ -84,7 +84,7 @@ def add(replicas, threshold, engine, devopts, *, foreground=False, warn=None,
     as they were, and two adds of the same bare images cannot both make a
     set of them."""
     runtime.require_root("quorumblk add")
-    replicas = [os.path.abspath(p) for p in replicas]
+    replicas = [replica.absolute(p) for p in replicas]
     lock = runtime.AddLock().acquire()
     q = None
     try:

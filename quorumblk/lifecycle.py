@@ -35,7 +35,7 @@ import os
 import threading
 import time
 
-from . import errors, meta, runtime
+from . import errors, meta, replica, runtime
 from .errors import (CommandError, JobRunningError, NotCancellableError, QuorumError,
                      RefusedError)
 OWED_WAIT_S = 2.0               # readd waits this long for I/O still owed
@@ -96,6 +96,8 @@ def _name(name, index=True):
                              ("its index or " if index else "") + "its path")
     if index and name.isdigit():
         return int(name)
+    if replica.is_nbd(name):
+        return name
     if not os.path.isabs(name):
         raise LifecycleError(f"{name} is a relative path, and the daemon works from "
                              "/: give an absolute path")
@@ -182,7 +184,8 @@ class Lifecycle:
         except OSError:
             mine = None
         for i, p in enumerate(self.q.paths):
-            if p == path or p == os.path.abspath(path):
+            if p == path or (not replica.is_nbd(path) and
+                             p == os.path.abspath(path)):
                 return i
             try:
                 if mine and runtime.same_replica(mine, runtime.replica_identity(p)):
@@ -430,7 +433,7 @@ class Lifecycle:
             if name >= len(self.q.paths):
                 raise LifecycleError(f"this device has no replica {name}")
             return self.q.paths[name]
-        if not os.path.exists(name):
+        if not replica.exists(name):
             raise LifecycleError(f"{name}: no such file or device")
         return name
 

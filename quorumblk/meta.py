@@ -38,10 +38,10 @@ quorum: reported, never "resolved".
 """
 import errno
 import os
-import stat
 import time
 import uuid
 
+from . import replica
 from ._core import ffi, lib
 from .errors import RefusedError
 
@@ -70,14 +70,8 @@ def region_shift_for(data_size):
 
 
 def _size(path):
-    st = os.stat(path)
-    if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.lseek(fd, 0, os.SEEK_END), True
-        finally:
-            os.close(fd)
-    return st.st_size, False
+    """(bytes, fixed): a block device or an NBD export cannot grow."""
+    return replica.size(path)
 
 
 def read(path):
@@ -201,7 +195,19 @@ def _grow(paths, new_sizes):
                                f"for quorumblk's metadata: {e.strerror}")
 
 
+def _tail_error(path, data, total):
+    return SetError(
+        f"{path}: its last {total - data} bytes (from offset {data}) "
+        "hold data, and quorumblk keeps its metadata there; zero "
+        f"them (a device: blkdiscard -z -o {data} DEVICE) if that "
+        "data is not needed")
+
+
 def _check_zero_tail(path, data, total):
+    if replica.is_nbd(path):
+        if not replica.tail_is_zero(path, data, total - data):
+            raise _tail_error(path, data, total)
+        return
     with open(path, "rb", buffering=0) as f:
         f.seek(data)
         left = total - data
@@ -210,11 +216,7 @@ def _check_zero_tail(path, data, total):
             if not chunk:
                 break
             if chunk.count(0) != len(chunk):
-                raise SetError(
-                    f"{path}: its last {total - data} bytes (from offset {data}) "
-                    "hold data, and quorumblk keeps its metadata there; zero "
-                    f"them (a device: blkdiscard -z -o {data} DEVICE) if that "
-                    "data is not needed")
+                raise _tail_error(path, data, total)
             left -= len(chunk)
 
 

@@ -27,6 +27,7 @@ import stat
 import tempfile
 import time
 
+from . import replica
 from .errors import (CommandError, DaemonError, NoSuchDeviceError, NotRootError,
                      StartError, UblkMissingError)
 
@@ -144,7 +145,11 @@ def require_root(what):
 
 def replica_identity(path):
     """What makes a replica the same one whatever path names it: the
-    device number for a block device, (device, inode) for a file."""
+    device number for a block device, (device, inode) for a file, the URI
+    for an NBD export (quorumblk.replica)."""
+    if replica.is_nbd(path):
+        return {"path": replica.identity(path), "kind": "nbd",
+                "rdev": 0, "dev": 0, "ino": 0}
     st = os.stat(path)
     if stat.S_ISBLK(st.st_mode):
         return {"path": os.path.abspath(path), "kind": "block",
@@ -154,6 +159,8 @@ def replica_identity(path):
 
 
 def same_replica(a, b):
+    if a["kind"] == "nbd" or b["kind"] == "nbd":
+        return a["kind"] == b["kind"] and a["path"] == b["path"]
     if a["kind"] == "block" and b["kind"] == "block":
         return a["rdev"] == b["rdev"]
     return a["kind"] == b["kind"] and (a["dev"], a["ino"]) == (b["dev"], b["ino"])
