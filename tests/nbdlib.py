@@ -264,21 +264,43 @@ class Server:
     def thaw(self):
         self._signal_until(signal.SIGCONT, False)
 
-    def drop(self):
+    def drop(self, existing_only=False):
         """Every packet to and from the server lost, silently: checked by a
-        TCP connect that neither gets in nor gets refused."""
+        TCP connect that neither gets in nor gets refused. existing_only:
+        only the connections open now are cut (new ones get through, as
+        after a NAT or a path change that stranded the old ones); checked
+        by a connect that gets in."""
         dev = self.veth_peer
-        rules = (f'table netdev qbdrop {{\n'
-                 f'  chain in {{ type filter hook ingress device "{dev}" priority 0; policy drop; }}\n'
-                 f'  chain out {{ type filter hook egress device "{dev}" priority 0; policy drop; }}\n'
-                 f'}}\n')
+        match_in = match_out = ""
+        if existing_only:
+            ports = self.client_ports()
+            assert ports, f"{self.uri}: no connection to cut"
+            ports = "{ " + ", ".join(map(str, ports)) + " }"
+            match_in, match_out = f"tcp sport {ports} ", f"tcp dport {ports} "
+        rules = ("table netdev qbdrop {\n"
+                 f'  chain in {{ type filter hook ingress device "{dev}" priority 0; }}\n'
+                 f'  chain out {{ type filter hook egress device "{dev}" priority 0; }}\n'
+                 "}\n"
+                 "delete table netdev qbdrop\n"      # one transaction: atomic
+                 "table netdev qbdrop {\n"
+                 f'  chain in {{ type filter hook ingress device "{dev}" priority 0; {match_in}drop; }}\n'
+                 f'  chain out {{ type filter hook egress device "{dev}" priority 0; {match_out}drop; }}\n'
+                 "}\n")
         p = subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-f", "-"],
                            input=rules, capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise RuntimeError(f"nft in {self.ns}: {p.stderr.strip()}")
         self.dropped = True
-        got = tcp_answers(self.addr, PORT, 1.0)
-        assert got == "timeout", f"{self.uri} still reachable after drop(): {got}"
+        got = tcp_answers(self.addr, PORT, 1.0 if not existing_only else 10.0)
+        want = "accepted" if existing_only else "timeout"
+        assert got == want, f"{self.uri} after drop(existing_only={existing_only}): {got}"
+
+    def client_ports(self):
+        """The local ports of this namespace's connections to the server."""
+        out = run("ss", "-Htn", "state", "established", "dst",
+                  f"{self.addr}:{PORT}").stdout
+        return sorted({int(line.split()[-2].rsplit(":", 1)[1])
+                       for line in out.splitlines() if line.strip()})
 
     def restore(self):
         run("ip", "netns", "exec", self.ns, "nft", "delete", "table", "netdev", "qbdrop")

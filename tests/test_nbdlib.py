@@ -86,6 +86,21 @@ def test_dropped_traffic_is_lost_silently_and_the_connection_resumes(nbd_net, tm
     assert c.read(0, 4096) == content(path, 0, 4096)
 
 
+def test_cutting_the_existing_connections_lets_new_ones_through(nbd_net, tmp_path):
+    path = backing(tmp_path)
+    s = nbd_net.server(path)
+    old = Client(s)
+    assert old.read(0, 4096) == content(path, 0, 4096)
+    s.drop()
+    s.drop(existing_only=True)      # checks: a new connect gets in
+    old.send(nbdlib.NBD_CMD_READ, 4096, 4096)
+    with pytest.raises(TimeoutError):
+        old.reply(4096, timeout=3)
+    assert Client(s).read(8192, 4096) == content(path, 8192, 4096)
+    s.restore()
+    assert old.reply(4096, timeout=60) == content(path, 4096, 4096)
+
+
 def test_a_slow_server_answers_each_read_after_its_delay(nbd_net, tmp_path):
     s = nbd_net.server(backing(tmp_path), delay_ms=30)
     c = Client(s)
