@@ -72,8 +72,9 @@ class Set:
     """The replica set of one test: backing files, servers, the Quorum.
     layout: "nbd" (three exports) or "mixed" (two files, export last)."""
 
-    def __init__(self, net, tmp_path, layout="nbd", kinds=("nbdkit", "qemu-nbd", "nbdkit"),
+    def __init__(self, net, tmp_path, layout="nbd", faulty="nbdkit",
                  with_meta=False, delay=None, **qopts):
+        kinds = ("qemu-nbd", "nbdkit", faulty)     # server 2 takes the faults
         self.files = backing_files(tmp_path, 3)
         self.servers = [None] * 3
         for i in range(3):
@@ -182,10 +183,11 @@ def readd(q, name):
 
 # ------------------------------------------------------------- bit rot
 
-@pytest.mark.parametrize("layout", ["nbd", "mixed"])
+@pytest.mark.parametrize("layout,faulty", [("nbd", "nbdkit"), ("nbd", "qemu-nbd"),
+                                           ("mixed", "nbdkit")])
 def test_bits_flipped_on_a_server_are_outvoted_reported_and_repaired_there(
-        sets, layout):
-    s = sets(layout=layout)
+        sets, layout, faulty):
+    s = sets(layout=layout, faulty=faulty)
     q = s.q
     good = data_of(s.files[0], 64 * BS)
     s.servers[2].flip(7 * BS + 100, bit=2)
@@ -212,10 +214,11 @@ def test_bits_flipped_on_a_server_are_outvoted_reported_and_repaired_there(
 # ------------------------------------------------------------- killed
 
 @pytest.mark.parametrize("with_meta", [False, True], ids=["engine", "readd"])
-@pytest.mark.parametrize("layout", ["nbd", "mixed"])
+@pytest.mark.parametrize("layout,faulty", [("nbd", "nbdkit"), ("nbd", "qemu-nbd"),
+                                           ("mixed", "nbdkit")])
 def test_a_server_killed_during_writes_leaves_service_and_comes_back(
-        sets, layout, with_meta):
-    s = sets(layout=layout, with_meta=with_meta)
+        sets, layout, faulty, with_meta):
+    s = sets(layout=layout, with_meta=with_meta, faulty=faulty)
     q = s.q
     w = Writer(q, 1)
     try:
@@ -313,9 +316,10 @@ def refused_while_owed(s, why="owed"):
 
 
 @pytest.mark.parametrize("with_meta", [False, True], ids=["engine", "readd"])
+@pytest.mark.parametrize("faulty", ["nbdkit", "qemu-nbd"])
 def test_a_frozen_server_answers_late_and_nothing_it_writes_lands_over_newer_data(
-        sets, with_meta):
-    s = sets(with_meta=with_meta)
+        sets, faulty, with_meta):
+    s = sets(with_meta=with_meta, faulty=faulty)
     srv = s.servers[2]
     old, hung, newer, took = late_scenario(s, srv.freeze, srv.thaw)
     if with_meta:                   # its header cannot be read either
@@ -327,9 +331,10 @@ def test_a_frozen_server_answers_late_and_nothing_it_writes_lands_over_newer_dat
 
 
 @pytest.mark.parametrize("with_meta", [False, True], ids=["engine", "readd"])
+@pytest.mark.parametrize("faulty", ["nbdkit", "qemu-nbd"])
 def test_traffic_dropped_then_restored_the_connection_survives_and_answers_late(
-        sets, with_meta):
-    s = sets(with_meta=with_meta)
+        sets, faulty, with_meta):
+    s = sets(with_meta=with_meta, faulty=faulty)
     srv = s.servers[2]
     old, hung, newer, took = late_scenario(s, srv.drop, srv.restore)
     if with_meta:
