@@ -1512,7 +1512,10 @@ static void reap_backlog(struct qb_ctx *c)
 			c->tick_armed = false;
 		else if (ud_kind(ud) == K_WAKE)
 			c->wake_armed = false;
-		else if (ud_kind(ud) != K_IGNORE && ud_kind(ud) != K_NBD)
+		else if (ud_kind(ud) == K_NBD)	/* may add to the backlog */
+			qb_nbd_event(c->nbd[ud_rep(ud)], ud_gen(ud),
+				     c->backlog[i].res);
+		else if (ud_kind(ud) != K_IGNORE)
 			orphan_cqe(c, ud, c->backlog[i].res);
 	}
 	c->nbacklog = 0;

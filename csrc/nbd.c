@@ -61,8 +61,7 @@ bool qb_nbd_is_uri(const char *path)
 
 static bool supported_uri(const char *uri)
 {
-	return !strncmp(uri, "nbd://", 6) || !strncmp(uri, "nbd+tcp://", 10) ||
-	       !strncmp(uri, "nbd+unix://", 11);
+	return !strncmp(uri, "nbd://", 6) || !strncmp(uri, "nbd+unix://", 11);
 }
 
 static int nbd_fail(const char *uri, const char *what)
@@ -284,7 +283,7 @@ static void arm(struct qb_nbd *n)
 		return;
 	if (nbd_aio_get_direction(n->h) & LIBNBD_AIO_DIRECTION_WRITE)
 		want |= POLLOUT;
-	if (n->armed == want || (n->armed & want) == want)
+	if ((n->armed & want) == want)
 		return;
 	if (n->armed && (sqe = n->ops->sqe(n->arg))) {
 		/* the old poll goes; its CQE and this one's are stale */
@@ -317,7 +316,11 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 {
 	struct ticket *t;
 	nbd_completion_callback cb = { .callback = done_cb };
-	uint32_t flags = 0;
+	/* without multi-conn a flush on one connection does not cover
+	 * another's writes: every write is made durable by itself */
+	uint32_t durable = (caps & QB_NBD_FUA) &&
+			   (fua || !(caps & QB_NBD_MULTI_CONN)) ?
+			   LIBNBD_CMD_FLAG_FUA : 0;
 	int64_t cookie;
 	int err = 0;
 
@@ -340,12 +343,7 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 		cookie = nbd_aio_pread(n->h, buf, len, off, cb, 0);
 		break;
 	case QB_OP_WRITE:
-		/* without multi-conn a flush on one connection does not cover
-		 * another's writes: every write is made durable by itself */
-		if ((caps & QB_NBD_FUA) &&
-		    (fua || !(caps & QB_NBD_MULTI_CONN)))
-			flags = LIBNBD_CMD_FLAG_FUA;
-		cookie = nbd_aio_pwrite(n->h, buf, len, off, cb, flags);
+		cookie = nbd_aio_pwrite(n->h, buf, len, off, cb, durable);
 		break;
 	case QB_OP_FLUSH:
 		cookie = nbd_aio_flush(n->h, cb, 0);
@@ -356,7 +354,7 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
 			cookie = -1;
 			break;
 		}
-		cookie = nbd_aio_zero(n->h, len, off, cb, 0);
+		cookie = nbd_aio_zero(n->h, len, off, cb, durable);
 		break;
 	}
 	if (cookie < 0) {	/* not sent: the callback will not run */

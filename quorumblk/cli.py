@@ -352,7 +352,8 @@ def cmd_status(args):
           "".join(f"{k:>11}" for k in TABLE_COUNTERS) + "  path")
     for r in s["replicas"]:
         print(f"{'replica %d %s' % (r['index'], r['state']):<22}{r['io']:<10}" +
-              "".join(f"{r[k]:>11}" for k in TABLE_COUNTERS) + f"  {r['path']}")
+              "".join(f"{r[k]:>11}" for k in TABLE_COUNTERS) + f"  {r['path']}" +
+              (f"  (server {r['server']})" if r.get("server") else ""))
     if s.get("resync") and s["resync"]["reason"] != "none":
         print("at start: " + assembly.describe_resync(s["resync"]))
     j = s.get("job")

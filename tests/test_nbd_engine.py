@@ -12,13 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
 
 from conftest import flip, pattern
-from quorumblk import errors, lifecycle, meta, replica
+from quorumblk import assembly, errors, lifecycle, meta, replica
 from quorumblk.core import Quorum
 
 BS = 4096
@@ -36,9 +37,10 @@ class Server:
     qemu-nbd), on a Unix socket or on 127.0.0.1."""
 
     def __init__(self, tmp, name, size=SIZE, *, filters=(), readonly=False,
-                 tcp=False, program="nbdkit", export=None):
+                 tcp=False, program="nbdkit", export=None, sockdir=None):
         self.file = str(tmp / f"{name}.img")
-        self.sock = str(tmp / f"{name}.sock")
+        # a socket's path has 108 bytes at most: not under a deep tmp_path
+        self.sock = os.path.join(sockdir or str(tmp), f"{name}.sock")
         self.log = str(tmp / f"{name}.log")
         self.filters = list(filters)
         self.readonly = readonly
@@ -100,10 +102,25 @@ class Server:
     def signal(self, sig):
         self.proc.send_signal(sig)
 
+    def freeze(self):
+        """SIGSTOP, and wait until every thread of the server is stopped (a
+        signal is delivered asynchronously: a command sent right after
+        could still be served)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: all(self._state(t) in "Tt" for t in
+                             os.listdir(f"/proc/{self.proc.pid}/task")),
+                 "the server did not stop")
+
+    def _state(self, tid):
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{tid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return "T"      # a thread that ended serves nothing
+
     def kill(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
+            self.proc.kill()        # also a stopped one, which serves nothing
             self.proc.wait(WAIT_S)
 
     def logged(self, what):
@@ -129,13 +146,21 @@ def free_port():
 
 
 @pytest.fixture
-def server(tmp_path, request):
+def sockdir(request):
+    """A short directory for Unix sockets, removed at teardown."""
+    d = tempfile.mkdtemp(prefix="qbnbd-")
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return d
+
+
+@pytest.fixture
+def server(tmp_path, sockdir, request):
     """A factory of started servers, all killed at teardown."""
     made = []
     request.addfinalizer(lambda: [s.kill() for s in made])
 
     def make(name, **kw):
-        s = Server(tmp_path, name, **kw)
+        s = Server(tmp_path, name, sockdir=sockdir, **kw)
         made.append(s)
         return s.start()
     return make
@@ -194,6 +219,20 @@ def test_tcp_export_and_qemu_nbd(server):
     assert a.data(0, 8 * BS) == c.data(0, 8 * BS) == pattern(2, 8 * BS)
 
 
+def test_writes_larger_than_the_socket_takes(three):
+    """A 1 MiB write does not fit a socket's buffer: libnbd sends the rest
+    when the ring says the socket is writable again (POLLOUT)."""
+    big = pattern(20, 1 << 20)
+    with Quorum([s.uri for s in three], 2, timeout=5) as q:
+        q.write(0, big)
+        assert q.read(0, len(big)) == big
+        res = q.bench(op="write", bs=1 << 20, depth=8, count=64)
+        assert res["errors"] == 0
+        assert q.replica_states() == ["in-service"] * 3
+    assert three[0].data(0, 8 << 20) == three[1].data(0, 8 << 20) == \
+        three[2].data(0, 8 << 20)
+
+
 def test_mixed_set_two_files_one_export(tmp_path, server):
     files = []
     for n in "xy":
@@ -247,8 +286,11 @@ def test_without_multi_conn_every_write_is_fua(server):
     with Quorum([x.uri for x in s], 2, timeout=5) as q:
         assert not q.status()["replicas"][0]["offers"]["multi_conn"]
         q.write(0, pattern(6, BS))
+        q.write_zeroes(BS, BS)
     writes = s[0].logged("Write")
     assert writes and all("fua=1" in ln for ln in writes)
+    zeroes = s[0].logged("Zero")
+    assert zeroes and all("fua=1" in ln for ln in zeroes)
 
 
 def test_write_zeroes_and_discard_where_offered(three):
@@ -395,11 +437,11 @@ def test_frozen_server_times_out_answers_late_then_readd(three):
     q = with_meta(uris, timeout=1)
     try:
         q.write(0, pattern(15, BS))
-        three[2].signal(signal.SIGSTOP)
+        three[2].freeze()
         t0 = time.monotonic()
         q.write(BS, pattern(16, BS))
         took = time.monotonic() - t0
-        assert took < 1 + 2.0, took         # the timeout, not the server
+        assert took < 1 + 3.0, took         # the timeout, not the server
         r2 = q.status()["replicas"][2]
         assert (r2["state"], r2["owed"] > 0, r2["timeouts"] > 0) == \
             ("failed", True, True)
@@ -425,6 +467,56 @@ def test_frozen_server_times_out_answers_late_then_readd(three):
     assert three[2].data(0, size) == three[0].data(0, size)
 
 
+def test_frozen_server_metadata_write_times_out_and_answers_late(three):
+    """The metadata writer's own connection: a bitmap write to a frozen
+    server is abandoned at the timeout (the replica fails, the write goes on
+    with the others), and its late answer is counted."""
+    uris = [s.uri for s in three]
+    q = with_meta(uris, timeout=1)
+    try:
+        three[1].freeze()
+        t0 = time.monotonic()
+        q.write(8 << 20, pattern(21, BS))   # a new region: its bit first
+        assert time.monotonic() - t0 < 1 + 3.0
+        r1 = q.status()["replicas"][1]
+        assert (r1["state"], r1["owed"], r1["timeouts"]) == ("failed", 1, 1)
+        assert r1["writes"] == 0            # its data write was never sent
+        three[1].signal(signal.SIGCONT)
+        wait_for(lambda: q.status()["replicas"][1]["owed"] == 0, "late answer")
+        assert q.status()["replicas"][1]["late"] == 1
+    finally:
+        three[1].signal(signal.SIGCONT)
+        q.close()
+
+
+def test_add_checks_a_set_of_exports(three):
+    """What `quorumblk add` checks before anything is written, with URIs:
+    nothing stats them, and a new set is planned over them."""
+    uris = [s.uri for s in three]
+    plan, msgs = assembly.check_set(uris, 2, {"timeout": 5})
+    assert plan.created and msgs == []
+    assert [meta.read(u)[0] for u in uris] == [None] * 3    # nothing written
+
+
+def test_frozen_then_killed_server_owes_nothing(three):
+    """A command abandoned on a frozen server, then the server dies: libnbd
+    fails what the dead connection had out, and the replica owes nothing
+    (it can rejoin once the server is back)."""
+    q = Quorum([s.uri for s in three], 2, timeout=1)
+    try:
+        q.write(0, pattern(22, BS))
+        three[2].freeze()
+        q.write(0, pattern(23, BS))
+        assert q.status()["replicas"][2]["owed"] == 1
+        three[2].kill()
+        wait_for(lambda: q.status()["replicas"][2]["owed"] == 0,
+                 "a dead connection's command still owed")
+        late = [e for e in q.events() if e["type"] == "late-completion"]
+        assert len(late) == 1 and late[0]["errno"] is not None  # failed
+    finally:
+        q.close()
+
+
 def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
     """A thread's context ends with a command out on a frozen server: its
     connection is closed without waiting, and what it had out is no longer
@@ -442,7 +534,7 @@ def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
         t = threading.Thread(target=frozen_write)
         t.start()
         assert connected.wait(WAIT_S)
-        three[0].signal(signal.SIGSTOP)
+        three[0].freeze()
         frozen.set()
         t.join(WAIT_S)
         assert not t.is_alive() and owed == [1]
@@ -471,23 +563,23 @@ def refused(uris, **kw):
     return str(e.value)
 
 
-def test_refused_server_that_does_not_answer(tmp_path, three):
+def test_refused_server_that_does_not_answer(sockdir, three):
     mute = socket.socket(socket.AF_UNIX)    # accepts, never speaks
-    path = str(tmp_path / "mute.sock")
+    path = os.path.join(sockdir, "mute.sock")
     mute.bind(path)
     mute.listen(8)
     uri = f"nbd+unix:///?socket={path}"
     try:
         t0 = time.monotonic()
         msg = refused([three[0].uri, three[1].uri, uri], timeout=1)
-        assert time.monotonic() - t0 < 1 + 2.0
+        assert time.monotonic() - t0 < 1 + 3.0
     finally:
         mute.close()
     assert msg.startswith(f"replica {uri}: the server did not answer within 1000 ms")
 
 
-def test_refused_no_server(tmp_path, three):
-    uri = f"nbd+unix:///?socket={tmp_path}/none.sock"
+def test_refused_no_server(sockdir, three):
+    uri = f"nbd+unix:///?socket={sockdir}/none.sock"
     msg = refused([three[0].uri, three[1].uri, uri], timeout=5)
     assert msg.startswith(f"replica {uri}: cannot connect: ")
     assert "ENOENT" in msg or "No such file" in msg
