@@ -246,14 +246,24 @@ class Server:
         self.proc.wait(timeout=30)
         self.proc = None
 
-    def _state(self):
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+    def _states(self):
+        """The state letter of each of the server's threads: SIGSTOP
+        reaches them one by one, and a thread still running could serve a
+        request sent after freeze() returned."""
+        out = []
+        task = f"/proc/{self.proc.pid}/task"
+        for tid in os.listdir(task):
+            try:
+                with open(f"{task}/{tid}/stat") as f:
+                    out.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:       # a thread that just ended
+                pass
+        return out
 
     def _signal_until(self, sig, want_stopped):
         os.kill(self.proc.pid, sig)
         end = time.monotonic() + 10
-        while (self._state() in "tT") != want_stopped:
+        while any((st in "tT") != want_stopped for st in self._states()):
             assert time.monotonic() < end, f"{self.name}: {sig!r} did not take"
             time.sleep(0.01)
 
