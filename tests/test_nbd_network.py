@@ -467,10 +467,14 @@ def test_a_write_owed_by_a_thread_that_ended_stays_owed_until_it_lands(
         assert not t.is_alive()
         st = q.status()["replicas"][2]
         assert st["state"] == "failed" and st["timeouts"] >= 1, st  # premise
-        assert st["owed"] >= 1, st
+        assert data_of(files[2], 2 * BS)[BS:] != hung       # not yet there
         {"freeze": servers[2].thaw, "drop": servers[2].restore}[fault]()
+        # premise: the server still had it, and does it now
         wait_for(lambda: data_of(files[2], 2 * BS)[BS:] == hung, LATE_S,
                  "the hung write landed on server 2")
+        assert st["owed"] >= 1, (
+            f"the write landed on server 2 after the {fault} ended, but the "
+            f"engine owed nothing while it was out: {st}")
         wait_for(lambda: q.status()["replicas"][2]["owed"] == 0, LATE_S,
                  "owed back to 0")
         assert q.status()["replicas"][2]["late"] >= 1
