@@ -131,6 +131,11 @@ class Quorum:
         raise_for(lib.qb_quorum_open(arr, len(cpaths), opts, out), lib, ffi)
         self._q = out[0]
         self._opts = opts
+        # what each replica is, looked at once while it is open: status must
+        # never stat a file whose NFS server does not answer (a hard mount
+        # would hold it)
+        self.kinds = [replica.kind(p) for p in self.paths]
+        self.servers = [replica.server(p) for p in self.paths]
         self.size = lib.qb_quorum_size(self._q)
         self.max_io = opts.max_io
         self.vote_block = opts.vote_block
@@ -319,9 +324,10 @@ class Quorum:
         for i, r in enumerate(replicas):
             r["path"] = self.paths[i]
             r["index"] = i
-            r["kind"] = replica.kind(self.paths[i])
+            r["kind"] = self.kinds[i]
+            if self.servers[i]:
+                r["server"] = self.servers[i]
             if r["kind"] == "nbd":
-                r["server"] = replica.server(self.paths[i])
                 r["offers"] = self.nbd_offers(i)
         return {"size": self.size, "threshold": self.threshold,
                 "in_service": sum(r["state"] == "in-service" for r in replicas),
@@ -393,11 +399,16 @@ class Quorum:
         lib.qb_ctx_poll(self._ctx())    # late completions this thread holds
         r = raise_for(lib.qb_quorum_attach(self._q, str(path).encode(), header),
                       lib, ffi)
+        k, srv = replica.kind(path), replica.server(path)
         with self._lock:
             if r == len(self.paths):
                 self.paths.append(str(path))
+                self.kinds.append(k)
+                self.servers.append(srv)
             else:
                 self.paths[r] = str(path)
+                self.kinds[r] = k
+                self.servers[r] = srv
         return r
 
     @_guarded
@@ -444,7 +455,7 @@ class Quorum:
         for i in range(n):
             e = buf[i]
             replica = e.replica if e.replica >= 0 else None
-            out.append({
+            ev = {
                 "type": EVENT_TYPES[e.type],
                 "replica": replica,
                 "path": self.paths[replica] if replica is not None else None,
@@ -452,7 +463,10 @@ class Quorum:
                 "errno": errno.errorcode.get(e.err) if e.err else None,
                 "suppressed": e.suppressed,
                 "time": e.time_ns / 1e9,
-            })
+            }
+            if replica is not None and self.servers[replica]:
+                ev["server"] = self.servers[replica]
+            out.append(ev)
         return out
 
     @_guarded

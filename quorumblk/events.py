@@ -46,7 +46,10 @@ def message(dev_id, e):
     """One line for people: what happened, where."""
     text = f"device {dev_id}: {e['type']}"
     if e.get("replica") is not None:
-        text += f" on replica {e['replica']} ({e.get('path')})"
+        where = e.get("path")
+        if e.get("server") and e["server"] not in str(where):
+            where = f"{where} on {e['server']}"
+        text += f" on replica {e['replica']} ({where})"
     elif e.get("path"):
         text += f" {e['path']}"
     if e.get("length"):

@@ -7,6 +7,7 @@ import os
 import stat
 from urllib.parse import parse_qs, urlsplit
 
+from . import mounts
 from ._core import ffi, lib
 from .errors import raise_for
 
@@ -28,11 +29,19 @@ def kind(path):
         return "file"
 
 
-def server(path):
-    """The server of an NBD replica as users name it: host:port, or the
-    socket's path; None for a file or block device."""
+def server(path, mountinfo="/proc/self/mountinfo"):
+    """The server that holds a replica, as users name it: an NBD export's
+    host:port or socket path; an image file on NFS, its mount's source
+    (host:/export); None for a local file or block device. A file is looked
+    at (stat): call it while the replica is open, not when its server may
+    not answer."""
     if not is_nbd(path):
-        return None
+        try:
+            with open(mountinfo) as f:
+                m = mounts.mount_of(path, mounts.parse(f.read()))
+        except OSError:
+            return None
+        return m.source if m is not None and m.fstype in mounts.NETWORK_FS else None
     u = urlsplit(str(path))
     if u.scheme.endswith("+unix"):
         return parse_qs(u.query).get("socket", [None])[0]

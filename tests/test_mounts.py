@@ -90,3 +90,37 @@ def test_warnings_reads_a_mountinfo_file_and_skips_what_does_not_exist(tmp_path)
     assert mounts.warnings([str(f)], mountinfo=str(info)) == []
     assert mounts.warnings([str(tmp_path / "missing.img")], buffered=True,
                            mountinfo=str(info)) == []
+
+
+def test_a_file_on_nfs_names_its_server_in_status_and_events(tmp_path):
+    """status and every event of a replica on NFS say which server holds
+    it (the mount's source), looked up once while the replica opens; a
+    local replica has no server."""
+    from quorumblk import events, replica
+    from quorumblk.core import Quorum
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"r{i}.img"
+        p.write_bytes(bytes(1 << 20))
+        paths.append(str(p))
+    st = os.stat(paths[2])
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    info = tmp_path / "mountinfo"
+    info.write_text(f"98 22 {dev} / {tmp_path} rw - nfs4 10.0.0.2:/export rw,hard\n")
+    assert replica.server(paths[2], mountinfo=str(info)) == "10.0.0.2:/export"
+    assert replica.server(paths[2]) is None      # premise: really a local file
+    q = Quorum(paths, 2)
+    try:
+        q.servers[2] = replica.server(paths[2], mountinfo=str(info))
+        with open(paths[2], "r+b") as f:        # rot on "the server"
+            f.write(b"\xff" * 512)
+        assert q.read(0, 4096) == bytes(4096)
+        reps = q.status()["replicas"]
+        assert reps[2]["server"] == "10.0.0.2:/export"
+        assert "server" not in reps[0]
+        (bad,) = [e for e in q.events() if e["type"] == "bad-block"]
+        assert bad["replica"] == 2 and bad["server"] == "10.0.0.2:/export"
+        assert f"({paths[2]} on 10.0.0.2:/export)" in events.message(0, bad)
+    finally:
+        q.close()
