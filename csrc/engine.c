@@ -1473,9 +1473,11 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 	}
 	if (c->link.wake_fd >= 0)
 		close(c->link.wake_fd);
-	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+		qb_nbd_free(c->nbd[r]);		/* a zombie's, all answered */
 		if (c->link.nbd_next[r])	/* made for it, never taken */
 			nbd_close(c->link.nbd_next[r]);
+	}
 	pthread_mutex_destroy(&c->entry);
 	slots_free(c);
 	free(c->spare);
@@ -1485,12 +1487,17 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 }
 
 /* The quorum closes with this zombie's I/O still owed: its ring goes (the
- * kernel waits for that I/O itself), its buffers stay mapped. */
+ * kernel waits for that I/O itself), its buffers stay mapped. Its NBD
+ * connections are closed without waiting: the device is gone, what they
+ * had out is forgotten. */
 static void zombie_release(struct qb_ctx_link *l)
 {
 	struct qb_ctx *c = (struct qb_ctx *)((char *)l -
 					     offsetof(struct qb_ctx, link));
 
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->nbd[r])
+			nbd_drop(c, r);
 	io_uring_queue_exit(&c->ring);
 	ctx_free(c, false);
 }
@@ -1519,6 +1526,25 @@ static void reap_backlog(struct qb_ctx *c)
 			orphan_cqe(c, ud, c->backlog[i].res);
 	}
 	c->nbacklog = 0;
+}
+
+/* The NBD connections of a context no thread is in, with commands out:
+ * a poll CQE handled here re-arms the poll on the context's ring, but only
+ * its own thread can submit there (IORING_SETUP_SINGLE_ISSUER), and a
+ * zombie's never will. So they are driven without the ring, at most every
+ * QB_DRIVE_NS (reapers come by on every loop while there are zombies). */
+#define QB_DRIVE_NS 10000000ULL
+
+static void drive_nbd(struct qb_ctx *c)
+{
+	uint64_t now;
+
+	if (!c->has_nbd || (now = qb_now_ns()) < c->drive_at)
+		return;
+	c->drive_at = now + QB_DRIVE_NS;
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->nbd[r])
+			qb_nbd_drive(c->nbd[r]);
 }
 
 /* The CQEs of a context no thread is in: only abandoned I/O's, and the
@@ -1551,6 +1577,7 @@ static void reap_idle(struct qb_ctx *c)
 		}
 	}
 	io_uring_cq_advance(&c->ring, seen);
+	drive_nbd(c);
 	reap_backlog(c);
 }
 
@@ -1679,11 +1706,13 @@ void qb_ctx_destroy(struct qb_ctx *c)
 		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
 			if (c->slots[i].nout[r])
 				abandon(c, &c->slots[i], r);
-	/* answers already in count as late; an NBD connection is closed
-	 * without waiting, and what it had out is forgotten */
+	/* answers already in count as late; an NBD connection with nothing
+	 * out is closed. One with commands out stays with the zombie: the
+	 * server may still perform them (a frozen one, when it runs again),
+	 * so they are owed until they are answered, or the connection dies */
 	reap_backlog(c);
 	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
-		if (c->nbd[r])
+		if (c->nbd[r] && !qb_nbd_inflight(c->nbd[r]))
 			nbd_drop(c, r);
 	if (c->orphans) {
 		c->link.release = zombie_release;

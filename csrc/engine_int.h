@@ -159,6 +159,7 @@ struct qb_ctx {
 	 * commands' results come back through the backlog */
 	struct qb_nbd *nbd[QB_MAX_REPLICAS];
 	bool has_nbd;
+	uint64_t drive_at;	/* a reaper's next qb_nbd_drive (ns) */
 
 	qb_done_fn done;
 	void *done_arg;
