@@ -327,6 +327,23 @@ void qb_io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		s->ok |= 1u << r;
 }
 
+/* Replica r answered a read in ns: its running average moves three
+ * quarters of the way down to a faster answer (a replica that is fast again
+ * is used again after a few probes) and a quarter of the way up to a
+ * slower one (one slow answer of a fast replica does not set it aside). */
+static void note_read_time(struct qb_ctx *c, uint32_t r, uint64_t ns)
+{
+	uint64_t *avg = &c->read_ns[r];
+
+	ns = ns ? ns : 1;
+	if (!*avg)
+		*avg = ns;
+	else if (ns < *avg)
+		*avg -= 3 * ((*avg - ns) / 4);
+	else
+		*avg += (ns - *avg) / 4;
+}
+
 static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 {
 	struct qb_slot *s = &c->slots[ud_slot(ud)];
@@ -351,6 +368,9 @@ static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 	}
 	if (res == -ECANCELED && s->hang_fd[r] >= 0)
 		s->hang_fd[r] = -1;
+	if (kind == K_IO && s->op == QB_OP_READ && !s->nout[r] && res >= 0 &&
+	    c->q->opt.read_policy == QB_READ_THRESHOLD)
+		note_read_time(c, r, qb_now_ns() - s->since[r]);
 	qb_io_result(c, s, r, kind, res, want, off);
 	if (--s->pending == 0)
 		phase_done(c, s);
@@ -668,6 +688,45 @@ static uint32_t pick(uint32_t mask, uint32_t n, uint32_t from, uint32_t k)
 	return out;
 }
 
+#define QB_PROBE_EVERY 32	/* policy threshold: reads by plain rotation */
+#define QB_ALIKE_NS 200000	/* read times this close count as alike */
+
+/* Policy threshold: the threshold replicas of live expected to answer
+ * first. Those whose read time is comparable to the fastest's (at most
+ * twice it, plus QB_ALIKE_NS; one never measured counts as fast) take
+ * turns, as plain rotation does when all are alike; slower ones fill up
+ * what is missing, fastest first. One read in QB_PROBE_EVERY goes by plain
+ * rotation, so that a slow replica's time is measured again. */
+static uint32_t pick_threshold(struct qb_ctx *c, uint32_t live, uint32_t n,
+			       uint32_t thr)
+{
+	uint32_t from = c->rr++ % n, fast = 0, out;
+	uint64_t best = UINT64_MAX, bar;
+
+	if (c->rr % QB_PROBE_EVERY == 0)
+		return pick(live, n, from, thr);
+	for (uint32_t r = 0; r < n; r++)
+		if ((live & (1u << r)) && c->read_ns[r] < best)
+			best = c->read_ns[r];
+	bar = 2 * best + QB_ALIKE_NS;
+	for (uint32_t r = 0; r < n; r++)
+		if ((live & (1u << r)) && c->read_ns[r] <= bar)
+			fast |= 1u << r;
+	out = pick(fast, n, from, thr);
+	while (qb_popcount(out) < thr) {
+		uint32_t next = 0;
+
+		best = UINT64_MAX;
+		for (uint32_t r = 0; r < n; r++)
+			if ((live & ~out & (1u << r)) && c->read_ns[r] < best) {
+				best = c->read_ns[r];
+				next = 1u << r;
+			}
+		out |= next;
+	}
+	return out;
+}
+
 static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 {
 	struct qb_quorum *q = c->q;
@@ -681,7 +740,7 @@ static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 	s->crash = __atomic_load_n(&q->unsynced_left, __ATOMIC_ACQUIRE) ?
 		   qb_unsynced_regions(q, s->off, s->len) : 0;
 	if (!s->crash && q->opt.read_policy == QB_READ_THRESHOLD)
-		mask = pick(live, n, c->rr++ % n, q->opt.threshold);
+		mask = pick_threshold(c, live, n, q->opt.threshold);
 	else if (!s->crash && q->opt.read_policy == QB_READ_FIFO)
 		mask = pick(live, n, 0, 1);
 	qb_read_from(c, s, mask, PH_READ);

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -596,6 +597,32 @@ def test_a_write_owed_by_a_thread_that_ended_lands_late_then_readd(three,
         three[2].signal(signal.SIGCONT)
         q.close()
     assert [s.data(0, length) for s in three] == [pattern(43, length)] * 3
+
+
+def test_policy_threshold_reads_around_a_slow_server(server):
+    """One server of three 30 ms slower to read (nbdkit's delay filter, as
+    a network delay would be): with read policy threshold the reads go to
+    the two that answer first, the slow one is only read now and then (to
+    measure it again)."""
+    slow = server("c", filters=["delay rdelay=30ms"])
+    servers = [server("a"), server("b"), slow]
+    q = Quorum([s.uri for s in servers], 2, read_policy="threshold",
+               timeout=5)
+    try:
+        data = pattern(51, 64 * BS)
+        q.write(0, data)
+        took = []
+        for i in range(150):
+            off = (i % 64) * BS
+            t0 = time.monotonic()
+            assert q.read(off, BS) == data[off:off + BS]
+            took.append(time.monotonic() - t0)
+        assert max(took) >= 0.03        # the premise: it is that slow
+        assert statistics.median(took) < 0.01, statistics.median(took)
+        n = [r["reads"] for r in q.counters()[1]]
+        assert 2 <= n[2] < min(n[0], n[1]) / 4, n
+    finally:
+        q.close()
 
 
 # -- refusals at open --
