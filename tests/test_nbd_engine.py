@@ -599,6 +599,46 @@ def test_a_write_owed_by_a_thread_that_ended_lands_late_then_readd(three,
     assert [s.data(0, length) for s in three] == [pattern(43, length)] * 3
 
 
+def test_a_write_owed_by_an_idle_thread_lands_while_it_stays_idle(three):
+    """A thread's 1 MiB write to a frozen server is abandoned (more than the
+    socket takes: the rest of the payload waits), then the thread stays out
+    of the engine. Once the server runs again, the other threads send the
+    rest and take the answer: owed returns to 0 while that thread is still
+    idle."""
+    q = Quorum([s.uri for s in three], 2, timeout=1)
+    length = 1 << 20
+    connected, frozen, written, finish = (threading.Event() for _ in range(4))
+
+    def run():
+        q.write(0, pattern(61, length))
+        connected.set()
+        frozen.wait(WAIT_S)
+        q.write(0, pattern(62, length))     # replica 2's is abandoned
+        written.set()
+        finish.wait(WAIT_S)
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        assert connected.wait(WAIT_S)
+        three[2].freeze()
+        frozen.set()
+        assert written.wait(WAIT_S)
+        r2 = q.status()["replicas"][2]
+        assert (r2["owed"], r2["late"]) == (1, 0)
+        three[2].signal(signal.SIGCONT)
+        wait_for(lambda: q.status()["replicas"][2]["owed"] == 0,
+                 "an idle thread's write still owed")
+        assert t.is_alive() and not finish.is_set()     # idle all along
+        assert q.status()["replicas"][2]["late"] == 1
+        assert three[2].data(0, length) == pattern(62, length)
+    finally:
+        finish.set()
+        if t.is_alive():
+            t.join(WAIT_S)
+        three[2].signal(signal.SIGCONT)
+        q.close()
+
+
 def test_policy_threshold_reads_around_a_slow_server(server):
     """One server of three 30 ms slower to read (nbdkit's delay filter, as
     a network delay would be): with read policy threshold the reads go to
