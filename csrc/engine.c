@@ -327,6 +327,23 @@ void qb_io_result(struct qb_ctx *c, struct qb_slot *s, uint32_t r,
 		s->ok |= 1u << r;
 }
 
+/* Replica r answered a read in ns: its running average moves three
+ * quarters of the way down to a faster answer (a replica that is fast again
+ * is used again after a few probes) and a quarter of the way up to a
+ * slower one (one slow answer of a fast replica does not set it aside). */
+static void note_read_time(struct qb_ctx *c, uint32_t r, uint64_t ns)
+{
+	uint64_t *avg = &c->read_ns[r];
+
+	ns = ns ? ns : 1;
+	if (!*avg)
+		*avg = ns;
+	else if (ns < *avg)
+		*avg -= 3 * ((*avg - ns) / 4);
+	else
+		*avg += (ns - *avg) / 4;
+}
+
 static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 {
 	struct qb_slot *s = &c->slots[ud_slot(ud)];
@@ -351,6 +368,9 @@ static void io_cqe(struct qb_ctx *c, uint64_t ud, int res)
 	}
 	if (res == -ECANCELED && s->hang_fd[r] >= 0)
 		s->hang_fd[r] = -1;
+	if (kind == K_IO && s->op == QB_OP_READ && !s->nout[r] && res >= 0 &&
+	    c->q->opt.read_policy == QB_READ_THRESHOLD)
+		note_read_time(c, r, qb_now_ns() - s->since[r]);
 	qb_io_result(c, s, r, kind, res, want, off);
 	if (--s->pending == 0)
 		phase_done(c, s);
@@ -668,6 +688,45 @@ static uint32_t pick(uint32_t mask, uint32_t n, uint32_t from, uint32_t k)
 	return out;
 }
 
+#define QB_PROBE_EVERY 32	/* policy threshold: reads by plain rotation */
+#define QB_ALIKE_NS 200000	/* read times this close count as alike */
+
+/* Policy threshold: the threshold replicas of live expected to answer
+ * first. Those whose read time is comparable to the fastest's (at most
+ * twice it, plus QB_ALIKE_NS; one never measured counts as fast) take
+ * turns, as plain rotation does when all are alike; slower ones fill up
+ * what is missing, fastest first. One read in QB_PROBE_EVERY goes by plain
+ * rotation, so that a slow replica's time is measured again. */
+static uint32_t pick_threshold(struct qb_ctx *c, uint32_t live, uint32_t n,
+			       uint32_t thr)
+{
+	uint32_t from = c->rr++ % n, fast = 0, out;
+	uint64_t best = UINT64_MAX, bar;
+
+	if (c->rr % QB_PROBE_EVERY == 0)
+		return pick(live, n, from, thr);
+	for (uint32_t r = 0; r < n; r++)
+		if ((live & (1u << r)) && c->read_ns[r] < best)
+			best = c->read_ns[r];
+	bar = 2 * best + QB_ALIKE_NS;
+	for (uint32_t r = 0; r < n; r++)
+		if ((live & (1u << r)) && c->read_ns[r] <= bar)
+			fast |= 1u << r;
+	out = pick(fast, n, from, thr);
+	while (qb_popcount(out) < thr) {
+		uint32_t next = 0;
+
+		best = UINT64_MAX;
+		for (uint32_t r = 0; r < n; r++)
+			if ((live & ~out & (1u << r)) && c->read_ns[r] < best) {
+				best = c->read_ns[r];
+				next = 1u << r;
+			}
+		out |= next;
+	}
+	return out;
+}
+
 static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 {
 	struct qb_quorum *q = c->q;
@@ -681,7 +740,7 @@ static void start_read(struct qb_ctx *c, struct qb_slot *s, uint32_t live)
 	s->crash = __atomic_load_n(&q->unsynced_left, __ATOMIC_ACQUIRE) ?
 		   qb_unsynced_regions(q, s->off, s->len) : 0;
 	if (!s->crash && q->opt.read_policy == QB_READ_THRESHOLD)
-		mask = pick(live, n, c->rr++ % n, q->opt.threshold);
+		mask = pick_threshold(c, live, n, q->opt.threshold);
 	else if (!s->crash && q->opt.read_policy == QB_READ_FIFO)
 		mask = pick(live, n, 0, 1);
 	qb_read_from(c, s, mask, PH_READ);
@@ -1473,9 +1532,11 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 	}
 	if (c->link.wake_fd >= 0)
 		close(c->link.wake_fd);
-	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++) {
+		qb_nbd_free(c->nbd[r]);		/* a zombie's, all answered */
 		if (c->link.nbd_next[r])	/* made for it, never taken */
 			nbd_close(c->link.nbd_next[r]);
+	}
 	pthread_mutex_destroy(&c->entry);
 	slots_free(c);
 	free(c->spare);
@@ -1485,12 +1546,17 @@ static void ctx_free(struct qb_ctx *c, bool unmap)
 }
 
 /* The quorum closes with this zombie's I/O still owed: its ring goes (the
- * kernel waits for that I/O itself), its buffers stay mapped. */
+ * kernel waits for that I/O itself), its buffers stay mapped. Its NBD
+ * connections are closed without waiting: the device is gone, what they
+ * had out is forgotten. */
 static void zombie_release(struct qb_ctx_link *l)
 {
 	struct qb_ctx *c = (struct qb_ctx *)((char *)l -
 					     offsetof(struct qb_ctx, link));
 
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->nbd[r])
+			nbd_drop(c, r);
 	io_uring_queue_exit(&c->ring);
 	ctx_free(c, false);
 }
@@ -1519,6 +1585,25 @@ static void reap_backlog(struct qb_ctx *c)
 			orphan_cqe(c, ud, c->backlog[i].res);
 	}
 	c->nbacklog = 0;
+}
+
+/* The NBD connections of a context no thread is in, with commands out:
+ * a poll CQE handled here re-arms the poll on the context's ring, but only
+ * its own thread can submit there (IORING_SETUP_SINGLE_ISSUER), and a
+ * zombie's never will. So they are driven without the ring, at most every
+ * QB_DRIVE_NS (reapers come by on every loop while there are zombies). */
+#define QB_DRIVE_NS 10000000ULL
+
+static void drive_nbd(struct qb_ctx *c)
+{
+	uint64_t now;
+
+	if (!c->has_nbd || (now = qb_now_ns()) < c->drive_at)
+		return;
+	c->drive_at = now + QB_DRIVE_NS;
+	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
+		if (c->nbd[r])
+			qb_nbd_drive(c->nbd[r]);
 }
 
 /* The CQEs of a context no thread is in: only abandoned I/O's, and the
@@ -1551,6 +1636,7 @@ static void reap_idle(struct qb_ctx *c)
 		}
 	}
 	io_uring_cq_advance(&c->ring, seen);
+	drive_nbd(c);
 	reap_backlog(c);
 }
 
@@ -1679,11 +1765,13 @@ void qb_ctx_destroy(struct qb_ctx *c)
 		for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
 			if (c->slots[i].nout[r])
 				abandon(c, &c->slots[i], r);
-	/* answers already in count as late; an NBD connection is closed
-	 * without waiting, and what it had out is forgotten */
+	/* answers already in count as late; an NBD connection with nothing
+	 * out is closed. One with commands out stays with the zombie: the
+	 * server may still perform them (a frozen one, when it runs again),
+	 * so they are owed until they are answered, or the connection dies */
 	reap_backlog(c);
 	for (uint32_t r = 0; r < QB_MAX_REPLICAS; r++)
-		if (c->nbd[r])
+		if (c->nbd[r] && !qb_nbd_inflight(c->nbd[r]))
 			nbd_drop(c, r);
 	if (c->orphans) {
 		c->link.release = zombie_release;

@@ -138,6 +138,9 @@ struct qb_ctx {
 	uint32_t inflight;	/* requests started, not completed */
 	uint64_t finished;	/* requests completed, ever */
 	uint32_t rr;		/* rotation for policy threshold */
+	/* policy threshold: each replica's read time seen here, a running
+	 * average in ns (0: none yet); this context's own, no shared line */
+	uint64_t read_ns[QB_MAX_REPLICAS];
 	struct qb_slot *slots;
 	char *bufmem;		/* every slot's first buffers, one mapping */
 	uint32_t max_blocks;
@@ -159,6 +162,7 @@ struct qb_ctx {
 	 * commands' results come back through the backlog */
 	struct qb_nbd *nbd[QB_MAX_REPLICAS];
 	bool has_nbd;
+	uint64_t drive_at;	/* a reaper's next qb_nbd_drive (ns) */
 
 	qb_done_fn done;
 	void *done_arg;

@@ -301,14 +301,38 @@ static void arm(struct qb_nbd *n)
 
 void qb_nbd_event(struct qb_nbd *n, uint32_t gen, int res)
 {
+	bool readable;
+
 	if (!n || gen != n->gen || !n->armed)
 		return;
 	n->armed = 0;
-	if (res < 0 || (res & (POLLIN | POLLHUP | POLLERR)))
+	/* -ECANCELED: the ring's thread exited (see qb_nbd_drive), nothing
+	 * happened. Not a read notification: in the middle of a write's
+	 * payload that pauses the write until a reply comes, and none may
+	 * come before the payload is sent */
+	readable = res < 0 ? res != -ECANCELED :
+		   (res & (POLLIN | POLLHUP | POLLERR)) != 0;
+	if (readable)
 		nbd_aio_notify_read(n->h);
-	else if (res & POLLOUT)
+	else if (res > 0 && (res & POLLOUT))
 		nbd_aio_notify_write(n->h);
 	arm(n);
+}
+
+void qb_nbd_drive(struct qb_nbd *n)
+{
+	struct pollfd p = { .fd = n->fd, .events = POLLIN };
+
+	if (!n->inflight || nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h))
+		return;
+	if (nbd_aio_get_direction(n->h) & LIBNBD_AIO_DIRECTION_WRITE)
+		p.events |= POLLOUT;
+	if (poll(&p, 1, 0) <= 0)
+		return;
+	if (p.revents & (POLLIN | POLLHUP | POLLERR))
+		nbd_aio_notify_read(n->h);
+	else if (p.revents & POLLOUT)
+		nbd_aio_notify_write(n->h);
 }
 
 void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,

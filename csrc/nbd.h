@@ -65,6 +65,13 @@ void qb_nbd_issue(struct qb_nbd *n, uint32_t caps, uint32_t op, bool fua,
  * gen: ignored when it is an old one. */
 void qb_nbd_event(struct qb_nbd *n, uint32_t gen, int res);
 
+/* Take what the server sent, or send what it can take, without the ring
+ * and without waiting (a poll(2) with no timeout): for a connection whose
+ * thread is not running it (engine.c's zombies and idle contexts). Only
+ * that thread can submit a new poll on its ring, and its polls are
+ * cancelled when it exits. The sink gets the commands' results, as ever. */
+void qb_nbd_drive(struct qb_nbd *n);
+
 /* Commands sent and not answered. */
 uint32_t qb_nbd_inflight(const struct qb_nbd *n);
 

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -517,31 +518,40 @@ def test_frozen_then_killed_server_owes_nothing(three):
         q.close()
 
 
+def _ended_thread_writes(q, server, first, second):
+    """A thread writes first (its context connects), then, with server
+    frozen, second: that server's command is abandoned at the timeout. The
+    thread then ends and its context is destroyed."""
+    connected, frozen = threading.Event(), threading.Event()
+    before = len(q._ctxs)
+
+    def run():
+        q.write(0, first)
+        connected.set()
+        frozen.wait(WAIT_S)
+        q.write(0, second)
+    t = threading.Thread(target=run)
+    t.start()
+    assert connected.wait(WAIT_S)
+    server.freeze()
+    frozen.set()
+    t.join(WAIT_S)
+    assert not t.is_alive()
+    gc.collect()
+    wait_for(lambda: len(q._ctxs) == before, "the thread's context lives on")
+
+
 def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
-    """A thread's context ends with a command out on a frozen server: its
-    connection is closed without waiting, and what it had out is no longer
-    owed; closing the quorum does not wait either."""
+    """A thread's context ends with a command out on a frozen server: the
+    end does not wait for it, the command stays owed (the server may still
+    perform it), and closing the quorum does not wait either."""
     q = Quorum([s.uri for s in three], 2, timeout=1)
     try:
-        connected, frozen, owed = threading.Event(), threading.Event(), []
-
-        def frozen_write():
-            q.write(0, pattern(17, BS))     # its context connects
-            connected.set()
-            frozen.wait(WAIT_S)
-            q.write(0, pattern(18, BS))     # replica 0's is abandoned
-            owed.append(q.status()["replicas"][0]["owed"])
-        t = threading.Thread(target=frozen_write)
-        t.start()
-        assert connected.wait(WAIT_S)
-        three[0].freeze()
-        frozen.set()
-        t.join(WAIT_S)
-        assert not t.is_alive() and owed == [1]
-        gc.collect()                    # its context is destroyed
-        wait_for(lambda: q.status()["replicas"][0]["owed"] == 0,
-                 "the ended context's command still owed")
-        assert q.status()["replicas"][0]["late"] == 0   # forgotten, not late
+        t0 = time.monotonic()
+        _ended_thread_writes(q, three[0], pattern(17, BS), pattern(18, BS))
+        assert time.monotonic() - t0 < 1 + 3.0     # the timeout, no more
+        r0 = q.status()["replicas"][0]
+        assert (r0["owed"], r0["late"]) == (1, 0)
         done = threading.Event()
 
         def close():
@@ -553,6 +563,106 @@ def test_context_destroyed_with_a_frozen_server_does_not_hang(three):
         assert time.monotonic() - t0 < 2.0
     finally:
         three[0].signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("length", [BS, 1 << 20])
+def test_a_write_owed_by_a_thread_that_ended_lands_late_then_readd(three,
+                                                                   length):
+    """The ended context's abandoned write is still on its way to the
+    frozen server (1 MiB: more than the socket takes, the rest is sent once
+    the server reads again): it is owed until the server performs it, which
+    counts as late; only then can the replica rejoin, and the resync puts
+    the newest data over that stale write."""
+    uris = [s.uri for s in three]
+    q = with_meta(uris, timeout=1)
+    try:
+        _ended_thread_writes(q, three[2], pattern(41, length),
+                             pattern(42, length))
+        assert q.replica_states()[2] == "failed"
+        q.write(0, pattern(43, length))     # newer than the stale write
+        r2 = q.status()["replicas"][2]
+        assert (r2["owed"], r2["late"]) == (1, 0)
+        assert three[2].data(0, length) == pattern(41, length)  # not yet
+        three[2].signal(signal.SIGCONT)
+        wait_for(lambda: q.status()["replicas"][2]["owed"] == 0,
+                 "the ended context's write still owed")
+        assert q.status()["replicas"][2]["late"] == 1
+        assert three[2].data(0, length) == pattern(42, length)  # it landed
+        late = [e for e in q.events() if e["type"] == "late-completion"]
+        assert len(late) == 1 and late[0]["errno"] is None
+        job = lifecycle.Lifecycle(q).readd(2)
+        wait_for(lambda: job.state != "running", "readd")
+        assert job.to_dict()["state"] == "done", job.to_dict()
+    finally:
+        three[2].signal(signal.SIGCONT)
+        q.close()
+    assert [s.data(0, length) for s in three] == [pattern(43, length)] * 3
+
+
+def test_a_write_owed_by_an_idle_thread_lands_while_it_stays_idle(three):
+    """A thread's 1 MiB write to a frozen server is abandoned (more than the
+    socket takes: the rest of the payload waits), then the thread stays out
+    of the engine. Once the server runs again, the other threads send the
+    rest and take the answer: owed returns to 0 while that thread is still
+    idle."""
+    q = Quorum([s.uri for s in three], 2, timeout=1)
+    length = 1 << 20
+    connected, frozen, written, finish = (threading.Event() for _ in range(4))
+
+    def run():
+        q.write(0, pattern(61, length))
+        connected.set()
+        frozen.wait(WAIT_S)
+        q.write(0, pattern(62, length))     # replica 2's is abandoned
+        written.set()
+        finish.wait(WAIT_S)
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        assert connected.wait(WAIT_S)
+        three[2].freeze()
+        frozen.set()
+        assert written.wait(WAIT_S)
+        r2 = q.status()["replicas"][2]
+        assert (r2["owed"], r2["late"]) == (1, 0)
+        three[2].signal(signal.SIGCONT)
+        wait_for(lambda: q.status()["replicas"][2]["owed"] == 0,
+                 "an idle thread's write still owed")
+        assert t.is_alive() and not finish.is_set()     # idle all along
+        assert q.status()["replicas"][2]["late"] == 1
+        assert three[2].data(0, length) == pattern(62, length)
+    finally:
+        finish.set()
+        if t.is_alive():
+            t.join(WAIT_S)
+        three[2].signal(signal.SIGCONT)
+        q.close()
+
+
+def test_policy_threshold_reads_around_a_slow_server(server):
+    """One server of three 30 ms slower to read (nbdkit's delay filter, as
+    a network delay would be): with read policy threshold the reads go to
+    the two that answer first, the slow one is only read now and then (to
+    measure it again)."""
+    slow = server("c", filters=["delay rdelay=30ms"])
+    servers = [server("a"), server("b"), slow]
+    q = Quorum([s.uri for s in servers], 2, read_policy="threshold",
+               timeout=5)
+    try:
+        data = pattern(51, 64 * BS)
+        q.write(0, data)
+        took = []
+        for i in range(150):
+            off = (i % 64) * BS
+            t0 = time.monotonic()
+            assert q.read(off, BS) == data[off:off + BS]
+            took.append(time.monotonic() - t0)
+        assert max(took) >= 0.03        # the premise: it is that slow
+        assert statistics.median(took) < 0.01, statistics.median(took)
+        n = [r["reads"] for r in q.counters()[1]]
+        assert 2 <= n[2] < min(n[0], n[1]) / 4, n
+    finally:
+        q.close()
 
 
 # -- refusals at open --
