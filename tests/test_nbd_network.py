@@ -390,10 +390,6 @@ def test_a_slow_server_does_not_hold_fifo_reads(nbd_net, tmp_path):
     assert medians["fifo"] < delay, medians
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: policy threshold rotates which 2 of 3 replicas it reads, "
-    "whatever their latency, so 2 reads in 3 wait for the slow server "
-    "(median 30.5 ms at 30 ms delay); issue 10 wants them not to wait"))
 def test_a_slow_server_does_not_hold_threshold_reads(nbd_net, tmp_path):
     """The issue's requirement: with policy `threshold` reads do not wait
     for a slow server (two fast ones agree)."""
@@ -434,11 +430,6 @@ def test_closing_while_a_server_does_not_answer_returns_within_a_bound(
     assert servers[2].proc.poll() is None   # premise: it was still there
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: a thread's end destroys its context and forgets the NBD I/O it "
-    "owes (owed 0), yet the server still has the write and performs it after "
-    "the thaw: readd would be accepted and the write could land after the "
-    "resync"))
 @pytest.mark.parametrize("fault", ["freeze", "drop"])
 def test_a_write_owed_by_a_thread_that_ended_stays_owed_until_it_lands(
         nbd_net, tmp_path, fault):
