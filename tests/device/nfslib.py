@@ -78,9 +78,14 @@ class Server:
                   check=check, timeout=timeout)
 
     def spawn(self, cmd):
-        p = subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-n", "-m",
-                              "--"] + cmd, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+        """A daemon in the server's namespaces; its messages go to a log
+        file in the server's folder (a pipe nobody reads could fill)."""
+        log = os.path.join(self.dir, os.path.basename(cmd[0]) + ".log")
+        with open(log, "a") as f:
+            p = subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-n",
+                                  "-m", "--"] + cmd, stdout=subprocess.DEVNULL,
+                                 stderr=f)
+        p.log = log
         self.daemons.append(p)
         return p
 
@@ -88,8 +93,7 @@ class Server:
 
     def start(self):
         for d in (self.export, os.path.join(self.state, "rpc_pipefs"),
-                  os.path.join(self.state, "nfsdcld"),
-                  os.path.join(self.state, "v4recovery")):
+                  os.path.join(self.state, "nfsdcld")):
             os.makedirs(d, exist_ok=True)
         for f in ("etab", "rmtab"):
             open(os.path.join(self.state, f), "a").close()
@@ -249,8 +253,9 @@ def _has_fd(proc, text):
     """Has the process an open file whose link names text (False once it
     has exited: the wait then fails with its message)."""
     if proc.poll() is not None:
-        raise AssertionError(f"{proc.args!r} exited {proc.returncode}: "
-                             f"{proc.stderr.read()[-2000:]}")
+        with open(proc.log) as f:
+            raise AssertionError(f"{proc.args!r} exited {proc.returncode}: "
+                                 f"{f.read()[-2000:]}")
     d = f"/proc/{proc.pid}/fd"
     for fd in os.listdir(d):
         try:
