@@ -259,8 +259,9 @@ def fio_read_clat(dev, seconds=8):
 def test_a_slow_server_and_the_read_policies(nfs, cli):
     """tc netem holds every packet from the third server 40 ms. Policy
     `all` reads every replica, so each read waits for it; `threshold`
-    reads two replicas, rotating which, so the reads that leave the slow
-    one out do not wait for it; `fifo` reads the first replica alone.
+    reads the two replicas that answer first (one read in 32 rotates, to
+    notice a replica that got fast again), so its reads do not wait for
+    it; `fifo` reads the first replica alone.
     Latency percentiles per policy are printed; the asserts are generous."""
     delay = 40
     paths = replicas(nfs, 32 * MIB)
@@ -278,8 +279,8 @@ def test_a_slow_server_and_the_read_policies(nfs, cli):
     print()
     # the premise: every read of policy all waited for the slow server
     assert out["all"]["10"] >= delay * 0.9, out
-    # a third of threshold's reads leave it out (the pair rotates)
-    assert out["threshold"]["10"] < delay / 2, out
+    # threshold leaves the slow server out, but for its probes
+    assert out["threshold"]["75"] < delay / 2, out
     assert out["fifo"]["75"] < delay / 2, out
 
 
