@@ -347,7 +347,7 @@ def _scan_candidates(configured):
                 continue
             out.append("/dev/" + n)
     for d in sorted({os.path.dirname(p) for p in configured
-                     if not p.startswith("/dev/")}):
+                     if not p.startswith("/dev/") and not replica.is_nbd(p)}):
         try:
             out += [os.path.join(d, n) for n in sorted(os.listdir(d))]
         except OSError:
@@ -515,17 +515,35 @@ def _unit_escape(path):
     return "".join(out) or "-"
 
 
-def unit_text(entry, exe, directory=None):
-    name = entry["name"]
-    files, devs = [], []
+def _unit_needs(entry):
+    """(image files, block devices, remote) of the entry's replicas: remote
+    when one is an NBD export or a file on NFS."""
+    files, devs, remote = [], [], False
     for p in entry["replicas"]:
         if replica.is_nbd(p):       # the unit waits for no file for it
+            remote = True
             continue
         try:
             blk = stat.S_ISBLK(os.stat(p).st_mode)
         except OSError:
             blk = p.startswith("/dev/")
         (devs if blk else files).append(p)
+        remote = remote or (not blk and replica.server(p) is not None)
+    return files, devs, remote
+
+
+def unit_target(entry):
+    """The target the unit comes up before and is wanted by. A replica on
+    NFS or an NBD server needs the network: the device then comes up with
+    the remote file systems, not before the local ones (that order would be
+    a cycle with the NFS mount it requires)."""
+    return "remote-fs.target" if _unit_needs(entry)[2] else "local-fs.target"
+
+
+def unit_text(entry, exe, directory=None):
+    name = entry["name"]
+    files, devs, remote = _unit_needs(entry)
+    fs_target = unit_target(entry)
     dir_opt = f" --config-dir {os.path.abspath(directory)}" if directory else ""
     lines = [
         f"# quorumblk device {name}: written by `quorumblk config install-unit {name}`.",
@@ -539,13 +557,16 @@ def unit_text(entry, exe, directory=None):
         "Wants=systemd-modules-load.service",
         "After=systemd-modules-load.service systemd-udevd.service",
     ]
+    if remote:
+        lines += ["Wants=network-online.target",
+                  "After=network-online.target remote-fs-pre.target"]
     if files:
         lines.append("RequiresMountsFor=" + " ".join(sorted({os.path.dirname(p) for p in files})))
     for p in devs:
         unit = _unit_escape(p) + ".device"
         lines += [f"Wants={unit}", f"After={unit}"]
     lines += [
-        "Before=local-fs.target umount.target shutdown.target",
+        f"Before={fs_target} umount.target shutdown.target",
         "Conflicts=umount.target shutdown.target",
         "",
         "[Service]",
@@ -564,14 +585,15 @@ def unit_text(entry, exe, directory=None):
         "RestartSec=2",
         "",
         "[Install]",
-        "WantedBy=local-fs.target",
+        f"WantedBy={fs_target}",
     ]
     return "\n".join(lines) + "\n"
 
 
 def install_unit(entry, exe, unit_dir=None, enable=True, directory=None):
     """Write unit_dir/quorumblk@NAME.service and enable it (a link in
-    local-fs.target.wants). Returns the paths written."""
+    local-fs.target.wants, or remote-fs.target.wants for remote replicas).
+    Returns the paths written."""
     unit_dir = unit_dir or DEFAULT_UNIT_DIR
     unit = f"quorumblk@{entry['name']}.service"
     path = os.path.join(unit_dir, unit)
@@ -583,11 +605,14 @@ def install_unit(entry, exe, unit_dir=None, enable=True, directory=None):
     os.replace(tmp, path)
     out = [path]
     if enable:
-        wants = os.path.join(unit_dir, "local-fs.target.wants")
+        target = unit_target(entry)
+        for t in ("local-fs.target", "remote-fs.target"):
+            lnk = os.path.join(unit_dir, t + ".wants", unit)
+            if os.path.lexists(lnk):        # this one's, or an earlier install's
+                os.unlink(lnk)
+        wants = os.path.join(unit_dir, target + ".wants")
         os.makedirs(wants, mode=0o755, exist_ok=True)
         lnk = os.path.join(wants, unit)
-        if os.path.lexists(lnk):
-            os.unlink(lnk)
         os.symlink(os.path.join("..", unit), lnk)
         out.append(lnk)
     return out

@@ -401,6 +401,37 @@ def test_install_unit_writes_and_enables_the_unit(saved, conf, tmp_path):
     assert v.returncode == 0 and "quorumblk@vol0" not in v.stderr, v.stderr
 
 
+def test_a_unit_over_nbd_exports_comes_up_with_the_remote_file_systems(conf, tmp_path):
+    """Remote replicas need the network: the unit is ordered after it and
+    with remote-fs.target (before local-fs.target it would be a cycle with
+    the network), and waits for no file for an export."""
+    uris = [f"nbd://10.0.0.{i}/disk" for i in (1, 2, 3)]
+    config.write(entry(name="far", replicas=uris), str(conf))
+    units = tmp_path / "units"
+    exe = os.path.realpath(sys.executable)
+    (units / "local-fs.target.wants").mkdir(parents=True)
+    os.symlink("../quorumblk@far.service",
+               units / "local-fs.target.wants" / "quorumblk@far.service")
+    r = qb("config", "install-unit", "--unit-dir", units, "--exec", exe, "far")
+    assert r.returncode == 0, r.stderr
+    unit = units / "quorumblk@far.service"
+    text = unit.read_text()
+    for line in ("Wants=network-online.target",
+                 "After=network-online.target remote-fs-pre.target",
+                 "Before=remote-fs.target umount.target shutdown.target",
+                 "WantedBy=remote-fs.target"):
+        assert line + "\n" in text, text
+    assert "local-fs.target" not in text and "RequiresMountsFor" not in text, text
+    assert os.readlink(units / "remote-fs.target.wants" / "quorumblk@far.service") == \
+        "../quorumblk@far.service"
+    assert not os.path.lexists(units / "local-fs.target.wants" / "quorumblk@far.service")
+    if not shutil.which("systemd-analyze"):
+        return
+    v = subprocess.run(["systemd-analyze", "verify", str(unit)],
+                       capture_output=True, text=True)
+    assert v.returncode == 0 and "quorumblk@far" not in v.stderr, v.stderr
+
+
 def test_unit_escaping_is_systemd_escapes():
     assert config._unit_escape("/dev/disk/by-id/virtio-a-b") == \
         "dev-disk-by\\x2did-virtio\\x2da\\x2db"
