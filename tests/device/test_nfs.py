@@ -172,6 +172,9 @@ def test_a_server_cut_off_during_writes_is_timed_out_and_rejoins_after_it_heals(
     ev = failed_events(dev_id)
     assert [(e["replica"], e["errno"], e["path"]) for e in ev] == \
         [(2, "ETIMEDOUT", paths[2])], ev
+    # the event and status name the server too (the mount's source)
+    assert ev[0]["server"] == f"{server.addr}:/", ev
+    assert status(dev_id)["replicas"][2]["server"] == f"{server.addr}:/"
     # TCP backs off while the server is cut: its retransmissions, and so
     # the late answers, may take a minute or two to come
     t0 = time.monotonic()
