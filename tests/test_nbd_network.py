@@ -20,6 +20,7 @@ import pytest
 import nbdlib
 from conftest import BS, of_type, pattern
 from nbdlib import nbd_net  # noqa: F401 (the fixture)
+from test_engine_late import wait_for
 from quorumblk import Quorum
 from quorumblk import lifecycle, meta
 
@@ -47,15 +48,6 @@ def backing_files(directory, n, seed=5):
 def data_of(path, length):
     with open(path, "rb") as f:
         return f.read(length)
-
-
-def wait_for(cond, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 def meta_reads_nbd(uri):
